@@ -1,0 +1,156 @@
+"""`denoise(x_t, t, cond) -> x0`: the one interface stages and samplers call a network through.
+
+`Denoiser` holds the base DiT and one control branch per modality. It turns rectified-flow
+states into clean-latent predictions (x0 = x_t - t v, modules/flow.py's convention), handles
+conditioning latent frames (their x0 is the given clean latent, exactly) and mixes controls.
+Losses, samplers, KD and DMD2 never touch the network's internals.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .nets.control import ControlBranch, mix_residuals
+from .nets.dit import DiT, RMSNorm
+from .nets.presets import NetConfig
+
+
+@dataclass
+class Cond:
+    """What a prediction is conditioned on. Tensors are batch-first; all but `text` are optional."""
+
+    text: torch.Tensor
+    """(B, L, D) text embeddings (D = text_dim, or text_proj_in when the net projects)."""
+    text_mask: torch.Tensor | None = None
+    """(B, L) bool, True on real tokens; None attends to every position (Cosmos zero-pads)."""
+    neg_text: torch.Tensor | None = None
+    """Negative-prompt embeddings for classifier-free guidance (same layout as `text`)."""
+    neg_text_mask: torch.Tensor | None = None
+    controls: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Control latents per modality, (B, C, T, H, W) on the same latent grid as x_t."""
+    control_weights: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    """Per modality: a scalar or a (B, 1, T, H, W) map at any resolution (default 1.0)."""
+    cond_latents: torch.Tensor | None = None
+    """(B, C, T, H, W) clean latents; used where `cond_frames` is 1."""
+    cond_frames: torch.Tensor | None = None
+    """(B, T) 0/1: which latent frames are conditioning (video2world, chained chunks)."""
+    fps: float | None = None
+    padding_mask: torch.Tensor | None = None
+    """(B or 1, 1, H, W) at pixel (or any) resolution, 1 on padded pixels."""
+
+    def negative(self) -> "Cond":
+        """The unconditional branch of CFG: the negative prompt in place of the prompt."""
+        if self.neg_text is None:
+            raise ValueError("classifier-free guidance needs negative-prompt embeddings (Cond.neg_text)")
+        return replace(self, text=self.neg_text, text_mask=self.neg_text_mask)
+
+
+class Denoiser(nn.Module):
+    def __init__(self, cfg: NetConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.net = DiT(cfg.dit, device, dtype)
+        self.controls = nn.ModuleDict({m: ControlBranch(cfg.dit, cfg.control, device, dtype) for m in cfg.modalities})
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The network's raw output v for inputs x at per-sample (B,) or per-frame (B, T) time t."""
+        cond_mask = None
+        if cond.cond_frames is not None:
+            B, _, T, H, W = x.shape
+            cond_mask = cond.cond_frames.to(x.dtype)[:, None, :, None, None].expand(B, 1, T, H, W)
+        s = self.net.prepare(x, t, cond.text, cond.text_mask, cond.fps, cond_mask, cond.padding_mask)
+        residuals = None
+        active = [m for m in cond.controls if m in self.controls]
+        unknown = set(cond.controls) - set(self.controls)
+        if unknown:
+            raise KeyError(f"no control branch for {sorted(unknown)}; this network has {sorted(self.controls)}")
+        if active:
+            outs = [self.controls[m](cond.controls[m], s) for m in active]
+            weights = [cond.control_weights.get(m, 1.0) for m in active]
+            mixed = mix_residuals(outs, weights, s.grid)
+            residuals = dict(zip(self.cfg.control.targets(), mixed))
+        return self.net.head(self.net.run_blocks(s, residuals), s)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Cond) -> torch.Tensor:
+        """x0 prediction for x_t = (1 - t) x0 + t eps at per-sample time t (B,) or scalar.
+
+        Conditioning frames enter the network clean, at time `cond_frame_t`, and their x0 is
+        returned as given; elsewhere x0 = x_t - t v (rectified flow).
+        """
+        B = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        t = t.expand(B) if t.ndim == 0 else t
+        if cond.cond_frames is None:
+            v = self.velocity(x_t, t, cond)
+            return x_t - t.view(B, 1, 1, 1, 1).to(x_t.dtype) * v
+        if cond.cond_latents is None:
+            raise ValueError("cond_frames given without cond_latents")
+        frames = cond.cond_frames.float()
+        m = frames.to(x_t.dtype)[:, None, :, None, None]
+        x_in = m * cond.cond_latents.to(x_t.dtype) + (1 - m) * x_t
+        t_frames = frames * self.cfg.cond_frame_t + (1 - frames) * t[:, None]
+        v = self.velocity(x_in, t_frames, cond)
+        return m * x_in + (1 - m) * (x_t - t.view(B, 1, 1, 1, 1).to(x_t.dtype) * v)
+
+    forward = denoise
+
+    # --- building and checkpoints -------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> "Denoiser":
+        """Deterministic init from `seed`: for one device type the weights depend only on the seed and
+        the config, so a meta-device build materialised with `to_empty` equals an eager build.
+        Random numbers are drawn on the parameters' device (a 2B init on CPU takes minutes)."""
+        device = next(self.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                if getattr(mod, "zero_init", False):
+                    mod.weight.zero_()
+                else:
+                    w = torch.randn(mod.weight.shape, generator=gen, device=device, dtype=torch.float32)
+                    mod.weight.copy_(w.mul_(0.02))
+                if mod.bias is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, RMSNorm):
+                mod.weight.fill_(1.0)
+        return self
+
+    @classmethod
+    def build(cls, cfg: NetConfig, seed: int = 0, device="cpu", dtype=None) -> "Denoiser":
+        """Build on the meta device (no memory, no init work), materialise on `device`, init from seed."""
+        with torch.device("meta"):
+            model = cls(cfg, dtype=dtype)
+        model.to_empty(device=device)
+        return model.init_weights(seed)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """`config.json` + `model.safetensors` in a directory."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=None) -> "Denoiser":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found (expected a directory written by save_pretrained)")
+        cfg = NetConfig.from_dict(json.loads((path / "config.json").read_text()))
+        with torch.device("meta"):
+            model = cls(cfg, dtype=dtype)
+        state = load_file(path / "model.safetensors", device=str(device))
+        model.load_state_dict(state, strict=True, assign=True)
+        if dtype is not None:
+            model.to(dtype)
+        return model

@@ -1,0 +1,11 @@
+"""Network code: plain torch, no Lightning, no training logic."""
+
+from .attention import attention, set_backend
+from .control import ControlBranch, ControlConfig, mix_residuals
+from .dit import DiT, DiTConfig
+from .presets import PRESETS, NetConfig, preset
+
+__all__ = [
+    "attention", "set_backend", "ControlBranch", "ControlConfig", "mix_residuals",
+    "DiT", "DiTConfig", "PRESETS", "NetConfig", "preset",
+]

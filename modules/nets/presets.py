@@ -1,0 +1,63 @@
+"""Named network sizes. `2b` is Cosmos-Transfer2.5-2B's shape; `14b` is Cosmos-Predict2.5-14B's
+trunk with a control branch of the same kind; `tiny` is for CPU tests; `small` for the GPU quickstart."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .control import ControlConfig
+from .dit import DiTConfig
+
+
+@dataclass
+class NetConfig:
+    """A base network plus one control branch per modality, all of one ControlConfig."""
+
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    modalities: list[str] = field(default_factory=lambda: ["edge"])
+    """Control branches to build (edge, blur, depth, seg, keypoint); empty for a plain base."""
+    cond_frame_t: float = 0.1
+    """Time fed to the network for conditioning (clean) latent frames; diffusers' Transfer2.5 default."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetConfig":
+        return cls(
+            dit=DiTConfig(**d.get("dit", {})),
+            control=ControlConfig(**d.get("control", {})),
+            modalities=list(d.get("modalities", ["edge"])),
+            cond_frame_t=d.get("cond_frame_t", 0.1),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, NetConfig] = {
+    "tiny": NetConfig(
+        DiTConfig(latent_channels=16, dim=64, depth=4, heads=4, text_dim=32, adaln_lora_dim=16),
+        ControlConfig(blocks=2, every=2, channels=16),
+    ),
+    "small": NetConfig(
+        DiTConfig(latent_channels=16, dim=768, depth=12, heads=12, text_dim=1024, adaln_lora_dim=128),
+        ControlConfig(blocks=3, every=4, channels=16),
+    ),
+    "2b": NetConfig(
+        DiTConfig(dim=2048, depth=28, heads=16, text_dim=1024, text_proj_in=100352),
+        ControlConfig(blocks=4, every=7, channels=128),
+    ),
+    "14b": NetConfig(
+        DiTConfig(dim=5120, depth=36, heads=40, text_dim=1024, text_proj_in=100352),
+        ControlConfig(blocks=4, every=9, channels=128),
+    ),
+}
+
+
+def preset(name: str, **dit_overrides) -> NetConfig:
+    """A copy of a preset, with DiTConfig fields overridden (e.g. latent_channels to fit a tokenizer)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = NetConfig.from_dict(PRESETS[name].to_dict())
+    cfg.dit = dataclasses.replace(cfg.dit, **dit_overrides)
+    return cfg
