@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .nets.control import ControlBranch, mix_residuals
 from .nets.dit import DiT, RMSNorm
@@ -50,6 +51,14 @@ class Cond:
         return replace(self, text=self.neg_text, text_mask=self.neg_text_mask)
 
 
+def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter; a sharded (FSDP2) one takes only its own shard, cut
+    locally (every rank drew the same numbers, so nothing needs to be sent)."""
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(full)
+
+
 class Denoiser(nn.Module):
     def __init__(self, cfg: NetConfig, device=None, dtype=None):
         super().__init__()
@@ -63,7 +72,8 @@ class Denoiser(nn.Module):
         if cond.cond_frames is not None:
             B, _, T, H, W = x.shape
             cond_mask = cond.cond_frames.to(x.dtype)[:, None, :, None, None].expand(B, 1, T, H, W)
-        s = self.net.prepare(x, t, cond.text, cond.text_mask, cond.fps, cond_mask, cond.padding_mask)
+        text_mask = cond.text_mask if self.cfg.use_text_mask else None
+        s = self.net.prepare(x, t, cond.text, text_mask, cond.fps, cond_mask, cond.padding_mask)
         residuals = None
         active = [m for m in cond.controls if m in self.controls]
         unknown = set(cond.controls) - set(self.controls)
@@ -106,7 +116,8 @@ class Denoiser(nn.Module):
         """Deterministic init from `seed`: for one device type the weights depend only on the seed and
         the config, so a meta-device build materialised with `to_empty` equals an eager build.
         Random numbers are drawn on the parameters' device (a 2B init on CPU takes minutes)."""
-        device = next(self.parameters()).device
+        first = next(self.parameters())
+        device = first.to_local().device if isinstance(first, DTensor) else first.device
         gen = torch.Generator(device=device).manual_seed(seed)
         for mod in self.modules():
             if isinstance(mod, nn.Linear):
@@ -114,7 +125,7 @@ class Denoiser(nn.Module):
                     mod.weight.zero_()
                 else:
                     w = torch.randn(mod.weight.shape, generator=gen, device=device, dtype=torch.float32)
-                    mod.weight.copy_(w.mul_(0.02))
+                    _assign(mod.weight, w.mul_(0.02))
                 if mod.bias is not None:
                     mod.bias.zero_()
             elif isinstance(mod, RMSNorm):
@@ -135,8 +146,19 @@ class Denoiser(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        (path / "config.json").write_text(self.cfg_json())
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path / "model.safetensors")
+
+    def cfg_json(self) -> str:
+        return json.dumps(self.cfg.to_dict(), indent=2)
+
+    @staticmethod
+    def config_from(path: str | Path) -> NetConfig:
+        """The NetConfig of a directory written by save_pretrained / import-weights / export."""
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found (expected a vidistill network directory)")
+        return NetConfig.from_dict(json.loads(file.read_text()))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=None) -> "Denoiser":
@@ -146,7 +168,7 @@ class Denoiser(nn.Module):
         for name in ("config.json", "model.safetensors"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} not found (expected a directory written by save_pretrained)")
-        cfg = NetConfig.from_dict(json.loads((path / "config.json").read_text()))
+        cfg = cls.config_from(path)
         with torch.device("meta"):
             model = cls(cfg, dtype=dtype)
         state = load_file(path / "model.safetensors", device=str(device))

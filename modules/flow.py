@@ -40,6 +40,7 @@ __all__ = [
     "unshift",
     "velocity_from_x0",
     "x0_from_velocity",
+    "velocity_loss",
 ]
 
 TimeLike = float | Tensor
@@ -365,3 +366,19 @@ def sample_student(
                 eps = eps_from_x0(x, x0, t)
             x = add_noise(_like(x0, noise), eps, times[k + 1])
     return _like(x0, noise)
+
+
+def velocity_loss(x0_pred: Tensor, x0: Tensor, x_t: Tensor, t: TimeLike, mask: Tensor | None = None) -> Tensor:
+    """Rectified-flow matching loss (Liu et al. 2022, eq. 1; Lipman et al. 2023, eq. 23), per sample:
+
+        L = mean over kept elements of || v_hat - (eps - x0) ||^2,   v_hat = (x_t - x0_hat) / t,
+
+    with eps - x0 = (x_t - x0) / t, so the velocity error is (x0 - x0_hat) / t. `mask` (broadcastable
+    to x0, 1 = counted) drops e.g. conditioning frames. Returns (B,) losses; average them for the batch.
+    """
+    t = expand_t(t, x0)
+    err = ((x0.float() - x0_pred.float()) / t).square()
+    if mask is None:
+        return err.flatten(1).mean(1)
+    mask = mask.float().expand_as(err)
+    return (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)

@@ -60,6 +60,8 @@ def pair(request, tmp_path_factory):
     tr, cn = make_diffusers(request.param, path)
     import_weights(str(path), str(path / "ours"), modality="edge")
     ours = Denoiser.from_pretrained(path / "ours").eval()
+    assert ours.cfg.use_text_mask is False  # Cosmos attends to padded positions; the import says so
+    ours.cfg.use_text_mask = True  # here the mask path itself is compared with diffusers' attention_mask
     return request.param, tr, cn, ours
 
 

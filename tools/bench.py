@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from modules.denoiser import Cond, Denoiser
 from modules.nets import preset as net_preset
-from modules.nets import set_backend
+from modules.nets import forward_flops, set_backend
 
 # latent grids (T, H, W) of the Wan2.1 tokenizer (4x8x8) for 93 frames
 SHAPES = {"480p_93f": (24, 60, 104), "720p_93f": (24, 88, 160)}
@@ -38,13 +38,6 @@ def parse_shape(name: str) -> tuple[int, int, int]:
     except ValueError:
         raise ValueError(f"shape {name!r} is neither one of {', '.join(SHAPES)} nor a latent grid TxHxW") from None
     return t, h, w
-
-
-def flops_forward(dim: int, tokens: int, blocks: int, text: int = TEXT_TOKENS) -> float:
-    """Matmul FLOPs of one forward through `blocks` DiT blocks (the peer script's formula):
-    per token 2 (4 d^2 qkvo + 2 d^2 cross q/o + 8 d^2 MLP) plus 4 S d for QK^T, AV and 4 L d cross."""
-    per_token = 2 * (4 + 2 + 8) * dim * dim + 4 * tokens * dim + 4 * text * dim
-    return blocks * tokens * per_token
 
 
 def timed(fn: Callable[[], None], steps: int, device: torch.device) -> float:
@@ -150,7 +143,7 @@ def measure(impl, cfg, grids, device, steps, peak_tflops) -> list[dict]:
         reset_peak(device)
         infer_s = timed(infer, steps, device)
         infer_mem = peak_gib(device)
-        flops = flops_forward(cfg.dit.dim, tokens, cfg.dit.depth + cfg.control.blocks)
+        flops = forward_flops(cfg.dit.dim, tokens, cfg.dit.depth + cfg.control.blocks, TEXT_TOKENS)
         mfu = (lambda f, s: round(f / s / (peak_tflops * 1e12), 3)) if device.type == "cuda" else (lambda f, s: None)
         rows.append(dict(impl=impl.name, shape=shape, tokens=tokens, train_step_s=round(train_s, 3),
                          train_peak_GiB=train_mem and round(train_mem, 1), train_mfu=mfu(3 * flops, train_s),

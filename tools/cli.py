@@ -15,7 +15,13 @@ import sys
 COMMANDS = {
     "import-weights": "tools.import_weights:import_weights",
     "bench": "tools.bench:bench",
+    "make-shards": "tools.make_shards:make_shards",
+    "encode-text": "tools.encode_text:encode_text",
 }
+
+
+# LightningCLI subcommands, passed through whole
+TRAINING = ("fit", "validate")
 
 
 def _load(target: str):
@@ -26,7 +32,14 @@ def _load(target: str):
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
+    from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TRAINING:
+        # training subcommands are LightningCLI's own (recipes are its YAML)
+        from trainers.cli import main as lightning_main
+
+        lightning_main(None if from_shell else argv)
+        return
     # load only the chosen subcommand; the others stay unimported
     chosen = [argv[0]] if argv and argv[0] in COMMANDS else list(COMMANDS)
     try:

@@ -105,7 +105,9 @@ def net_config(transformer: dict, controlnet: dict | None, modalities: list[str]
             raise CheckpointMismatch("transformer config has no controlnet_block_every_n")
         control = ControlConfig(blocks=c["n_controlnet_blocks"], every=t["controlnet_block_every_n"],
                                 channels=c["in_channels"] - 2)
-    return NetConfig(dit=dit, control=control, modalities=modalities if controlnet is not None else [])
+    # Cosmos attends to every (padded) text position
+    return NetConfig(dit=dit, control=control, modalities=modalities if controlnet is not None else [],
+                     use_text_mask=False)
 
 
 def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:

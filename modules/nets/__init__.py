@@ -2,10 +2,10 @@
 
 from .attention import attention, set_backend
 from .control import ControlBranch, ControlConfig, mix_residuals
-from .dit import DiT, DiTConfig
+from .dit import DiT, DiTConfig, forward_flops
 from .presets import PRESETS, NetConfig, preset
 
 __all__ = [
     "attention", "set_backend", "ControlBranch", "ControlConfig", "mix_residuals",
-    "DiT", "DiTConfig", "PRESETS", "NetConfig", "preset",
+    "DiT", "DiTConfig", "forward_flops", "PRESETS", "NetConfig", "preset",
 ]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .attention import attention
 
@@ -55,6 +55,14 @@ class DiTConfig:
         self.rope_scale = tuple(self.rope_scale)
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+
+
+def forward_flops(dim: int, tokens: int, blocks: int, text_tokens: int = 512) -> float:
+    """Matmul FLOPs of one forward through `blocks` DiT blocks (the MFU convention of
+    ../shared/bench/peer_diffusers_cosmos.py): per token 2 (4 d^2 self-attn qkvo + 2 d^2 cross q/o
+    + 8 d^2 MLP) + 4 S d (QK^T and AV over S tokens) + 4 L d (cross-attention over L text tokens)."""
+    per_token = 2 * (4 + 2 + 8) * dim * dim + 4 * tokens * dim + 4 * text_tokens * dim
+    return blocks * tokens * per_token
 
 
 @dataclass
@@ -208,12 +216,36 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+# Ops whose outputs selective checkpointing keeps: matmuls and attention are the costly ones to
+# redo; norms, modulation, RoPE and GELU are cheap to recompute but take most of the memory.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
 class Block(nn.Module):
-    """One DiT block; `checkpoint = True` recomputes its activations in the backward pass."""
+    """One DiT block.
+
+    `checkpoint`: False keeps all activations; True (or "full") recomputes the block in the
+    backward pass; "selective" keeps matmul and attention outputs and recomputes the rest.
+    """
 
     def __init__(self, cfg: DiTConfig, device=None, dtype=None):
         super().__init__()
-        self.checkpoint = False
+        self.checkpoint: bool | str = False
         self.mod_sa = AdaLNLoRA(cfg.dim, cfg.adaln_lora_dim, 3, device, dtype)
         self.sa = SelfAttention(cfg, device, dtype)
         self.mod_ca = AdaLNLoRA(cfg.dim, cfg.adaln_lora_dim, 3, device, dtype)
@@ -223,6 +255,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, s: State) -> torch.Tensor:
         if self.checkpoint and torch.is_grad_enabled():
+            if self.checkpoint == "selective":
+                return checkpoint(self._forward, x, s, use_reentrant=False, context_fn=_selective_context)
             return checkpoint(self._forward, x, s, use_reentrant=False)
         return self._forward(x, s)
 

@@ -20,6 +20,9 @@ class NetConfig:
     """Control branches to build (edge, blur, depth, seg, keypoint); empty for a plain base."""
     cond_frame_t: float = 0.1
     """Time fed to the network for conditioning (clean) latent frames; diffusers' Transfer2.5 default."""
+    use_text_mask: bool = True
+    """Cross-attend only to real text tokens. Cosmos attends to all (zero- or pad-filled) positions,
+    so imported Cosmos weights set this False."""
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetConfig":
@@ -28,6 +31,7 @@ class NetConfig:
             control=ControlConfig(**d.get("control", {})),
             modalities=list(d.get("modalities", ["edge"])),
             cond_frame_t=d.get("cond_frame_t", 0.1),
+            use_text_mask=d.get("use_text_mask", True),
         )
 
     def to_dict(self) -> dict:

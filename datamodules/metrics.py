@@ -1,0 +1,103 @@
+"""Control-adherence metrics for validation, evaluation and reports.
+
+Each asks "does the generated video follow its control?" in the control's own terms, the way
+Cosmos-Transfer evaluates its edge and blur branches:
+
+- `edge_f1`: Canny edges of the generated video against the input edge map, matched within a
+  few pixels (boundary precision / recall, pooled over all frames).
+- `blur_ssim`: SSIM between the blurred generated video and the blurred reference, i.e. how
+  well the generation keeps the layout and colours the blur control carries.
+
+Inputs are ``(T, H, W, 3)`` uint8 RGB numpy videos (decode or convert tensors beforehand).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+from datamodules.controls import blur, edge
+
+__all__ = ["blur_ssim", "edge_f1"]
+
+
+def edge_f1(
+    generated: np.ndarray, edge_map: np.ndarray, tolerance: int = 2, preset: str = "medium"
+) -> float:
+    """F1 of the generated video's Canny edges against the input edge map.
+
+    generated: ``(T, H, W, 3)`` uint8; its edges are `edge(generated, preset)`, the same
+        extractor that makes on-the-fly edge controls, so a video scores 1.0 against its own map.
+    edge_map: ``(T, H, W, 3)`` or ``(T, H, W)``; nonzero pixels are edges.
+    tolerance: a generated edge pixel counts as correct (precision) if a reference edge lies
+        within this many pixels (Euclidean, a disk of radius `tolerance`), and symmetrically a
+        reference pixel counts as found (recall). 0 requires exact overlap.
+
+    Counts are pooled over all frames before P, R and F1 = 2PR / (P + R). Both videos without
+    any edge: 1.0 (the control "nothing here" was followed); exactly one without edges: 0.0.
+    """
+    gen = edge(generated, preset)[..., 0] > 0
+    ref = _edge_mask(edge_map)
+    if ref.shape != gen.shape:
+        raise ValueError(f"edge_map covers {ref.shape} (T, H, W), generated video {gen.shape}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    n_gen, n_ref = int(gen.sum()), int(ref.sum())
+    if n_gen == 0 or n_ref == 0:
+        return 1.0 if n_gen == n_ref else 0.0
+    precision = np.logical_and(gen, _dilate(ref, tolerance)).sum() / n_gen
+    recall = np.logical_and(ref, _dilate(gen, tolerance)).sum() / n_ref
+    if precision + recall == 0:
+        return 0.0
+    return float(2 * precision * recall / (precision + recall))
+
+
+def _edge_mask(edge_map: np.ndarray) -> np.ndarray:
+    """Boolean ``(T, H, W)`` of edge pixels (any channel nonzero)."""
+    edge_map = np.asarray(edge_map)
+    if edge_map.ndim == 4:
+        return (edge_map != 0).any(axis=-1)
+    if edge_map.ndim == 3:
+        return edge_map != 0
+    raise ValueError(f"expected an edge map (T, H, W) or (T, H, W, C), got shape {edge_map.shape}")
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Grow each frame's True pixels by a disk of `radius` px (per frame, never across frames)."""
+    if radius == 0:
+        return mask
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return np.stack([cv2.dilate(m.astype(np.uint8), kernel) for m in mask]).astype(bool)
+
+
+def blur_ssim(generated: np.ndarray, reference: np.ndarray, preset: str = "medium") -> float:
+    """Mean per-frame SSIM between `blur(generated, preset)` and `blur(reference, preset)`.
+
+    Both videos are ``(T, H, W, 3)`` uint8 of the same shape. The fixed preset blur (no rng)
+    is applied to both, so only what the blur control carries is compared; SSIM is
+    torchmetrics' (Gaussian window 11, sigma 1.5, data range 255, computed in float64 so
+    identical inputs give 1 to rounding), averaged over frames. Frames smaller than 11 px use
+    the largest odd window that fits.
+    """
+    # Imported here: torchmetrics pulls in torchvision and transformers and takes seconds to
+    # import, which callers of edge_f1 alone (and data workers) should not pay.
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    if generated.shape != reference.shape:
+        raise ValueError(f"videos differ in shape: {generated.shape} vs {reference.shape}")
+    preds, target = _to_tensor(blur(generated, preset)), _to_tensor(blur(reference, preset))
+    side = min(generated.shape[1:3])
+    kernel = min(11, side if side % 2 else side - 1)
+    ssim = structural_similarity_index_measure(preds, target, data_range=255.0, kernel_size=kernel)
+    return float(ssim)
+
+
+def _to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """``(T, H, W, 3)`` uint8 -> ``(T, 3, H, W)`` float64, frames as the SSIM batch."""
+    import torch
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).to(torch.float64)

@@ -1,0 +1,154 @@
+"""ControlTraining: base control training (Cosmos-Transfer2.5's first stage).
+
+A frozen base with a trainable VACE control branch for one modality, trained with the
+rectified-flow loss; with `trainable: base` the same module trains a base from scratch (the
+embedded default needs one). Random 0..K leading latent frames are given clean as conditioning
+(so generated chunks can be chained) and left out of the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainers.fsdp import ShardingConfig
+from trainers.stage import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, allow_in_checkpoints, sample_generator
+
+from . import flow
+from .denoiser import Cond
+from .generator import Generator, SamplerConfig
+
+
+@dataclass
+class TimeSpec:
+    """Training-time sampling of t (modules/flow.py sample_t)."""
+
+    kind: str = "logit_normal"
+    """logit_normal or uniform."""
+    mean: float = 0.0
+    std: float = 1.0
+    shift: float = 1.0
+    """Shift s applied after sampling: t -> s t / (1 + (s - 1) t)."""
+    t_min: float = 1e-3
+    """Lower clamp: the velocity loss divides by t."""
+
+
+allow_in_checkpoints(TimeSpec, SamplerConfig)
+
+
+class ControlTraining(Stage):
+    def __init__(
+        self,
+        net: NetSpec = NetSpec(),
+        modality: str | None = "edge",
+        trainable: str = "control",
+        tokenizer: TokenizerSpec = TokenizerSpec(),
+        text: TextSpec = TextSpec(),
+        time: TimeSpec = TimeSpec(),
+        max_cond_frames: int = 2,
+        optim: OptimSpec = OptimSpec(),
+        sharding: ShardingConfig = ShardingConfig(),
+        sampler: SamplerConfig = SamplerConfig(steps=20, guidance=0.0),
+        ema_decay: float | None = None,
+        export_to: str | None = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            net: the network (preset or a saved Denoiser directory to start from).
+            modality: the control trained in this run (edge, blur, depth, seg, keypoint); none with trainable base.
+            trainable: control (frozen base, control branch trained) or base (train the base itself, no control).
+            tokenizer: the video tokenizer (ignored for batches with precomputed latents).
+            text: the text encoder (ignored for batches with precomputed text embeddings) and text dropout.
+            time: training-time sampling.
+            max_cond_frames: each sample gets 0..K leading clean conditioning latent frames.
+            optim: AdamW and its learning-rate schedule.
+            sharding: FSDP2 mixed precision and activation checkpointing.
+            sampler: how validation sample videos are generated (Generator).
+            ema_decay: keep an exponential moving average of the trained weights (e.g. 0.999); none: off.
+            export_to: directory where the trained network (its EMA if kept) is written at the end of fit.
+            seed: weight init and every per-sample random draw.
+        """
+        super().__init__(tokenizer, text, optim, sharding, seed, ema_decay, export_to)
+        if trainable not in ("control", "base"):
+            raise ValueError(f"trainable must be control or base, got {trainable!r}")
+        if trainable == "control" and not modality:
+            raise ValueError("control training needs a modality (edge, blur, depth, seg, keypoint)")
+        self.save_hyperparameters()
+        self.net_spec, self.trainable, self.time, self.max_cond_frames = net, trainable, time, max_cond_frames
+        self.modality = modality if trainable == "control" else None
+        self.sampler = sampler
+        self.model = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        modalities = [self.modality] if self.modality else []
+        self.model = self.build_denoiser(self.net_spec, modalities, "control" if self.modality else "all")
+        self.track_ema(self.model)
+
+    # --- the loss -------------------------------------------------------------------------------
+
+    def draws(self, x0: torch.Tensor, step: int, micro: int = 0):
+        """Per-sample noise, time, conditioning-frame count and text dropout, drawn from each
+        sample's own stream (the same on any number of ranks and accumulation steps)."""
+        B, _, T = x0.shape[:3]
+        eps, t, k, drop = [], [], [], []
+        for i in range(B):
+            g = sample_generator(self.seed, step, self.sample_index(i, B, micro), x0.device)
+            eps.append(torch.randn(x0.shape[1:], generator=g, device=x0.device))
+            t.append(flow.sample_t(1, self.time.kind, self.time.mean, self.time.std, self.time.shift,
+                                   t_min=self.time.t_min, generator=g, device=x0.device))
+            k.append(torch.randint(0, min(self.max_cond_frames, T - 1) + 1, (1,), generator=g, device=x0.device))
+            drop.append(torch.rand(1, generator=g, device=x0.device) < self.text_spec.dropout)
+        frames = torch.arange(T, device=x0.device)[None] < torch.cat(k)[:, None]
+        return torch.stack(eps), torch.cat(t), frames, torch.cat(drop)
+
+    def loss(self, batch: dict, step: int, micro: int = 0, train: bool = True) -> torch.Tensor:
+        """Mean over samples of the per-sample flow loss on non-conditioning frames."""
+        x0 = self.latents(batch, "video")
+        text, mask = self.text(batch)
+        eps, t, frames, drop = self.draws(x0, step, micro)
+        if train:
+            text, mask = self.drop_text(text, mask, drop)
+        controls = {self.modality: self.latents(batch, "control")} if self.modality else {}
+        x_t = flow.add_noise(x0, eps, t)
+        cond = Cond(text=text, text_mask=mask, controls=controls, cond_latents=x0, cond_frames=frames,
+                    fps=self.fps(batch))
+        x0_pred = self.model.denoise(x_t, t, cond)
+        keep = (~frames)[:, None, :, None, None]
+        return flow.velocity_loss(x0_pred, x0, x_t, t, keep).mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch, self.global_step, batch_idx % self.trainer.accumulate_grad_batches)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        if "skipped" in batch:
+            self.log("data/skipped", batch["skipped"].float().sum(), reduce_fx="sum", sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # a fixed random stream per validation batch, different from every training step's
+        loss = self.loss(batch, step=-1 - batch_idx, train=False)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    # --- samples ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, batch: dict, seed: int = 0, sampler: SamplerConfig | None = None,
+                 use_control: bool = True) -> torch.Tensor:
+        """Videos (B, 3, T, H, W) uint8 for a batch's prompts and controls (sample-video callback,
+        evaluation). The unconditional branch of CFG is the null text the training dropped to."""
+        if self.tokenizer is None:
+            raise ValueError("sample videos need a tokenizer to decode (tokenizer.kind is none)")
+        sampler = sampler or self.sampler
+        x0 = self.latents(batch, "video")
+        text, mask = self.text(batch)
+        controls = {self.modality: self.latents(batch, "control")} if self.modality and use_control else {}
+        null, null_mask = self.drop_text(text, mask, torch.ones(len(text), dtype=torch.bool, device=text.device))
+        cond = Cond(text=text, text_mask=mask, neg_text=null, neg_text_mask=null_mask, controls=controls,
+                    fps=self.fps(batch))
+        g = torch.Generator(device=x0.device).manual_seed(seed + 7919 * self.global_rank)
+        noise = torch.randn(x0.shape, generator=g, device=x0.device)
+        latents = Generator(self.model).sample(cond, noise, sampler, generator=g)
+        return ((self.tokenizer.decode(latents).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -1,0 +1,102 @@
+"""Generator: the inference module, shared by sample-video callbacks, KD data, inference and reports.
+
+It owns a Denoiser and, optionally, a tokenizer and a text encoder, and samples through
+`denoise` with the flow samplers: the teacher with CFG over a shifted grid, the distilled
+student over its fixed t-list. Plain torch (no Lightning), so tools can use it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import flow
+from .denoiser import Cond, Denoiser
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample. Teacher defaults follow Transfer2.5 (35 steps, guidance 3)."""
+
+    sampler: str = "euler"
+    """euler, dpmpp_2m (teacher grids) or student (fixed t-list, no CFG)."""
+    steps: int = 35
+    guidance: float = 3.0
+    """Cosmos-form CFG weight: pred = cond + g (cond - uncond); 0 disables CFG."""
+    shift: float = 5.0
+    """Time shift of the teacher grid (and of the student's t-list)."""
+    t_list: tuple[float, ...] = flow.STUDENT_T_LIST
+    """Student times before the shift."""
+    renoise: str = "fresh"
+    """Student re-noising between steps: fresh noise or the deterministic eps estimate."""
+
+
+def to_unit(video: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] (the tokenizers' input range)."""
+    return video.float().div(127.5).sub(1.0)
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    return video.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def guided(denoiser: Denoiser, cond: Cond, guidance: float) -> flow.Denoise:
+    """A denoise(x_t, t) closure with Cosmos-form CFG against the negative prompt."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x0 = denoiser.denoise(x, t, cond)
+        if guidance == 0:
+            return x0
+        return flow.cfg(x0, denoiser.denoise(x, t, cond.negative()), guidance)
+
+    return fn
+
+
+class Generator(nn.Module):
+    def __init__(self, denoiser: Denoiser, tokenizer: nn.Module | None = None, text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+
+    @torch.no_grad()
+    def sample(self, cond: Cond, noise: torch.Tensor, cfg: SamplerConfig = SamplerConfig(),
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """Latents x0 from `noise` (the state at t = 1) under `cond`."""
+        if cfg.sampler == "student":
+            t_list = flow.student_t_list(cfg.t_list, cfg.shift)
+            return flow.sample_student(guided(self.denoiser, cond, 0.0), noise, t_list, generator, cfg.renoise)
+        samplers = {"euler": flow.sample_euler, "dpmpp_2m": flow.sample_dpmpp_2m}
+        if cfg.sampler not in samplers:
+            raise ValueError(f"unknown sampler {cfg.sampler!r}; choose euler, dpmpp_2m or student")
+        ts = flow.schedule(cfg.steps, cfg.shift)
+        return samplers[cfg.sampler](guided(self.denoiser, cond, cfg.guidance), noise, ts, progress)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.text_encoder is None:
+            raise ValueError("this Generator has no text encoder: pass text embeddings in Cond instead")
+        emb, mask = self.text_encoder.encode(prompts)
+        return emb.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], controls: dict[str, torch.Tensor], num_frames: int, height: int,
+                 width: int, cfg: SamplerConfig = SamplerConfig(), negative_prompt: str = "",
+                 control_weights: dict[str, float | torch.Tensor] | None = None, seed: int = 0,
+                 fps: float | None = None, progress: bool = False) -> torch.Tensor:
+        """Videos (B, 3, T, H, W) uint8 for prompts and uint8 control videos of the same size."""
+        if self.tokenizer is None:
+            raise ValueError("generate needs a tokenizer; use sample() with latents otherwise")
+        device = next(self.denoiser.parameters()).device
+        text, mask = self.encode_text(prompts, device)
+        neg, neg_mask = self.encode_text([negative_prompt] * len(prompts), device)
+        latents = {m: self.tokenizer.encode(to_unit(v.to(device))).to(device) for m, v in controls.items()}
+        C, T, H, W = self.tokenizer.latent_shape(num_frames, height, width)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        noise = torch.randn(len(prompts), C, T, H, W, generator=gen, device=device)
+        cond = Cond(text=text, text_mask=mask, neg_text=neg, neg_text_mask=neg_mask, controls=latents,
+                    control_weights=control_weights or {}, fps=fps)
+        x0 = self.sample(cond, noise, cfg, generator=gen, progress=progress)
+        return to_uint8(self.tokenizer.decode(x0))

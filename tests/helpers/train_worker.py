@@ -1,0 +1,73 @@
+"""Run a tiny ControlTraining fit in this process (under torchrun for several ranks) and write
+per-step global losses and a fingerprint of the full parameters to a JSON file."""
+
+import argparse
+import hashlib
+import json
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from modules.control import ControlTraining
+from tests.helpers.latents import loader
+from trainers.fsdp import ShardingConfig
+from trainers.stage import NetSpec, OptimSpec, TextSpec
+
+
+class Record(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        loss = outputs["loss"].detach().clone()
+        if dist.is_initialized():
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        self.losses.append(loss.item())
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--global_batch", type=int, default=4)
+    p.add_argument("--micro", type=int, default=1)
+    p.add_argument("--epoch_steps", type=int, default=None, help="batches per epoch (default: steps)")
+    p.add_argument("--ckpt_dir", default=None)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--checkpointing", default="none")
+    p.add_argument("--accelerator", default="cpu", help="cpu (gloo) or gpu (nccl)")
+    a = p.parse_args()
+
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    module = ControlTraining(net=NetSpec("tiny"), modality="edge", text=TextSpec(encoder="none"),
+                             optim=OptimSpec(lr=1e-3, warmup_steps=1),
+                             sharding=ShardingConfig(param_dtype="none", reduce_dtype="float32",
+                                                     checkpointing=a.checkpointing))
+    rec = Record()
+    callbacks = [rec]
+    if a.ckpt_dir:
+        callbacks.append(ModelCheckpoint(dirpath=a.ckpt_dir, every_n_train_steps=a.epoch_steps, save_top_k=-1))
+    trainer = L.Trainer(accelerator=a.accelerator, devices=world, num_nodes=1, max_steps=a.steps,
+                        strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+                        accumulate_grad_batches=a.micro, use_distributed_sampler=False, logger=False,
+                        enable_checkpointing=bool(a.ckpt_dir), enable_progress_bar=False, callbacks=callbacks,
+                        enable_model_summary=False)
+    epoch_steps = a.epoch_steps or a.steps
+    trainer.fit(module, loader(epoch_steps, a.global_batch, rank, world, a.micro), ckpt_path=a.resume)
+    # every rank gathers the full tensors (cpu_offload would leave them on rank 0 only)
+    state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True))
+    digest = hashlib.sha256(b"".join(state[k].cpu().numpy().tobytes() for k in sorted(state))).hexdigest()
+    if rank == 0:
+        torch.save({k: v.cpu() for k, v in state.items()}, a.out + ".params.pt")
+    with open(f"{a.out}.rank{rank}.json", "w") as f:
+        json.dump({"losses": rec.losses, "digest": digest, "global_step": trainer.global_step}, f)
+
+
+if __name__ == "__main__":
+    main()

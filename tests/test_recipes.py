@@ -1,0 +1,29 @@
+"""Every recipe parses, and its --print_config output parses back to the same config."""
+
+from pathlib import Path
+
+import pytest
+
+from tools.cli import main
+
+RECIPES = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+
+
+def printed(capsys, config: str) -> str:
+    with pytest.raises(SystemExit) as end:
+        main(["fit", "--config", config, "--print_config"])
+    assert end.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(Path(p).relative_to(Path(p).parents[2])))
+def test_print_config_round_trips(recipe, tmp_path, capsys):
+    first = printed(capsys, recipe)
+    assert "class_path: modules." in first
+    again = tmp_path / "printed.yaml"
+    again.write_text(first)
+    assert printed(capsys, str(again)) == first
+
+
+def test_recipes_found():
+    assert len(RECIPES) >= 8

@@ -1,0 +1,601 @@
+"""`vidistill make-shards`: videos + captions (or a Cosmos-Transfer1 KD folder, or the synthetic
+default) -> webdataset shards, resumably.
+
+Shard format (one sample per clip, see datamodules/video.py): ``{key}.mp4`` stored as it is,
+``txt`` + ``json`` captions and metadata, control videos ``{modality}.mp4``, ``mask.mp4``,
+``keypoint.json``, and for KD ``text.safetensors`` + ``kd.safetensors``. Shards are
+``{prefix}-{index:06d}.tar``; ``{out}/index.json`` lists them with their sample counts.
+
+Writing is resumable and crash-safe (`write_shards`): shard ``i`` always holds the same planned
+samples (``samples_per_shard`` consecutive ones of the sorted list); each shard is written to
+``name.tar.tmp`` and renamed when complete, so a file under a final name is always whole; and
+``index.json`` is rewritten after every finished shard. A rerun keeps every shard that
+index.json records with the same planned keys and options (or, with no index.json at all, every
+shard whose keys are the planned ones) and writes the rest. Changed file *contents* under
+unchanged names are not detected: pass ``--resume false`` after editing videos in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+__all__ = [
+    "INDEX",
+    "SkipSample",
+    "make_shards",
+    "read_index",
+    "shard_name",
+    "tar_keys",
+    "write_shards",
+    "write_tar",
+]
+
+INDEX = "index.json"
+CREATED_BY = "vidistill make-shards"
+MTIME = 1_700_000_000  # fixed member mtime: the same samples give byte-identical shards
+T1_TEXT_LENGTH = 512  # Cosmos-Transfer1's T5 sequence length; its pickles are trimmed to the real tokens
+
+Members = list[tuple[str, bytes]]  # (extension, bytes) of one sample, in member order
+
+
+class SkipSample(Exception):
+    """Raised by a sample builder: leave this sample out (warned and counted by the reason)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Tar and index primitives (shared with tools/encode_text.py)
+# --------------------------------------------------------------------------------------------
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), MTIME, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+class TarOut:
+    """A shard being written: members go to ``path + ".tmp"``; `commit` fsyncs and renames it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self.tmp = self.path + ".tmp"
+        self._file = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self.samples = 0
+
+    def add_sample(self, key: str, members: Members) -> None:
+        if "." in os.path.basename(key):
+            raise ValueError(f"sample key {key!r} contains a dot (webdataset would split it there)")
+        for ext, data in members:
+            _add(self._tar, f"{key}.{ext}", data)
+        self.samples += 1
+
+    def add_member(self, name: str, data: bytes) -> None:
+        _add(self._tar, name, data)
+
+    def commit(self) -> int:
+        """Finish the tar and move it under its final name; returns its size in bytes."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return os.path.getsize(self.path)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def write_tar(path: str | os.PathLike, samples: Sequence[tuple[str, Members]]) -> int:
+    """Write ``[(key, [(ext, bytes), ...]), ...]`` as one shard, atomically; returns its size."""
+    out = TarOut(path)
+    try:
+        for key, members in samples:
+            out.add_sample(key, members)
+    except BaseException:
+        out.abort()
+        raise
+    return out.commit()
+
+
+def tar_keys(path: str | os.PathLike) -> list[str]:
+    """Sample keys of a local shard in order, from member names only (nothing is read)."""
+    from datamodules.shards import split_name
+
+    keys: list[str] = []
+    with tarfile.open(path, mode="r:*") as tar:
+        for member in tar:
+            split = split_name(member.name) if member.isfile() else None
+            if split is not None and (not keys or keys[-1] != split[0]):
+                keys.append(split[0])
+    return keys
+
+
+def read_index(out: str | os.PathLike) -> dict | None:
+    """``{out}/index.json`` as a dict, or None when there is none (or it is unreadable)."""
+    path = Path(out) / INDEX
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        warnings.warn(f"ignoring unreadable {path}: {e}", stacklevel=2)
+        return None
+    return index if isinstance(index, dict) and isinstance(index.get("shards"), list) else None
+
+
+def write_index(out: str | os.PathLike, entries: Sequence[dict], **fields: Any) -> None:
+    """Write ``{out}/index.json`` atomically: ``{"shards", "total", **fields}``."""
+    entries = sorted(entries, key=lambda e: e["name"])
+    index = {"shards": list(entries), "total": sum(e["samples"] for e in entries), **fields}
+    path = Path(out) / INDEX
+    tmp = path.with_name(INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable writing of a planned list of samples
+# --------------------------------------------------------------------------------------------
+
+
+def write_shards(
+    out: str | os.PathLike,
+    keys: Sequence[str],
+    build: Callable[[str], Members],
+    samples_per_shard: int = 100,
+    prefix: str = "train",
+    config: dict | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    info: dict | None = None,
+    created_by: str = CREATED_BY,
+    skipped: dict[str, list[str]] | None = None,
+) -> list[str]:
+    """Write the samples ``keys`` (in order) as shards, resuming finished ones.
+
+    Args:
+        out: output folder (created).
+        keys: sample keys, unique, without dots; shard ``i`` holds ``keys[i*n:(i+1)*n]``.
+        build: key -> the sample's members ``[(ext, bytes), ...]``; raise `SkipSample` to leave
+            it out (the shard then holds fewer samples).
+        samples_per_shard: samples per shard (n).
+        prefix: shard names are ``{prefix}-{index:06d}.tar``.
+        config: everything besides the keys that decides the shards' content; a shard is
+            only reused when it was written with the same keys and config.
+        resume: reuse finished shards (see the module doc); False rewrites every shard.
+        progress: show a progress bar.
+        info: extra fields for index.json.
+        created_by: index.json's ``created_by``.
+        skipped: samples left out before planning, ``{reason: [names]}``; index.json's
+            ``skipped`` counts them together with the `SkipSample` ones (per shard, so a
+            resumed run still counts the skips of the shards it kept).
+
+    Returns:
+        The shard paths, in order.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if not keys:
+        raise ValueError("no samples to write")
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise ValueError(f"sample keys are not unique: {dup}")
+    if not prefix or "/" in prefix or "." in prefix:
+        raise ValueError(f"prefix must be a plain name without '/' or '.', got {prefix!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    old = read_index(out)
+    if old is not None:
+        others = sorted({e["name"] for e in old["shards"] if not str(e.get("name", "")).startswith(prefix + "-")})
+        if others:
+            raise ValueError(
+                f"{out} already holds shards of another prefix ({others[0]}, ...); "
+                "write each split to its own folder"
+            )
+    old_entries = {e["name"]: e for e in (old or {}).get("shards", [])}
+    n_shards = -(-len(keys) // samples_per_shard)
+    plans = [list(keys[i * samples_per_shard : (i + 1) * samples_per_shard]) for i in range(n_shards)]
+    names = [shard_name(prefix, i) for i in range(n_shards)]
+    plan_ids = [_digest(config, plan) for plan in plans]
+
+    entries: dict[str, dict] = {}
+    if resume:
+        for name, plan, plan_id in zip(names, plans, plan_ids):
+            path = out / name
+            if not path.is_file():
+                continue
+            entry = old_entries.get(name)
+            if old is not None:
+                if entry and entry.get("plan") == plan_id and entry.get("bytes") == path.stat().st_size:
+                    entries[name] = entry
+            else:  # no index: a shard under its final name is complete; check it holds this plan
+                try:
+                    found = tar_keys(path)
+                except (tarfile.TarError, OSError):
+                    continue
+                if found and set(found) <= set(plan):
+                    entries[name] = {"name": name, "samples": len(found), "bytes": path.stat().st_size, "plan": plan_id}
+    # shards of an earlier, longer run of this prefix and leftovers of a crash
+    for name in old_entries:
+        if name not in names and (out / name).is_file():
+            print(f"removing {out / name}: not part of this dataset any more")
+            (out / name).unlink()
+    for tmp in out.glob(f"{prefix}-*.tar.tmp"):
+        tmp.unlink()
+
+    fields = dict(info or {}, prefix=prefix, samples_per_shard=samples_per_shard, created_by=created_by)
+    before = {reason: len(names_) for reason, names_ in (skipped or {}).items() if names_}
+
+    def save(complete: bool) -> None:
+        counts = dict(before)
+        for entry in entries.values():
+            for reason, n in entry.get("skipped", {}).items():
+                counts[reason] = counts.get(reason, 0) + n
+        write_index(out, entries.values(), complete=complete, **fields, skipped=counts)
+
+    if entries:
+        print(f"resuming: {len(entries)} of {n_shards} shards are already complete in {out}")
+    save(complete=len(entries) == n_shards)
+    done_samples = sum(len(p) for n, p in zip(names, plans) if n in entries)
+    bar = tqdm(total=len(keys), initial=done_samples, desc=f"shards -> {out}", unit="clip", disable=not progress)
+    try:
+        for name, plan, plan_id in zip(names, plans, plan_ids):
+            if name in entries:
+                continue
+            writer = TarOut(out / name)
+            shard_skips: dict[str, int] = {}
+            try:
+                for key in plan:
+                    try:
+                        members = build(key)
+                    except SkipSample as reason:
+                        shard_skips[str(reason) or "skipped"] = shard_skips.get(str(reason) or "skipped", 0) + 1
+                    else:
+                        writer.add_sample(key, members)
+                    bar.update(1)
+            except BaseException:
+                writer.abort()
+                raise
+            if writer.samples == 0:
+                writer.abort()
+                for reason, n in shard_skips.items():
+                    before[reason] = before.get(reason, 0) + n
+                warnings.warn(f"shard {name}: every sample was skipped; no file written", stacklevel=2)
+                continue
+            size = writer.commit()
+            entries[name] = {"name": name, "samples": writer.samples, "bytes": size, "plan": plan_id}
+            if shard_skips:
+                entries[name]["skipped"] = shard_skips
+            save(complete=False)
+    finally:
+        bar.close()
+    save(complete=True)
+    return [str(out / n) for n in names if n in entries]
+
+
+def _report(paths: list[str], out: str | os.PathLike) -> None:
+    index = read_index(out) or {}
+    skipped = index.get("skipped", {})
+    note = "".join(f", {n} skipped ({reason})" for reason, n in skipped.items() if n)
+    print(f"wrote {index.get('total', '?')} samples in {len(paths)} shards to {out}{note}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+def _key_of(rel: Path) -> str:
+    """Sample key of a video at relative path `rel`: the path without its suffix, folders
+    joined by ``__`` and dots replaced by ``_`` (webdataset splits a name at its first dot)."""
+    parts = list(rel.with_suffix("").parts)
+    return "__".join(p.replace(".", "_") for p in parts)
+
+
+def _control_members(root: Path, rel: Path, modalities: Sequence[str]) -> Members:
+    """Per-modality control files of the video at `rel`: ``root/<m>/<rel>.mp4`` and friends."""
+    members: Members = []
+    for m in modalities:
+        path = root / m / rel.with_suffix(".mp4")
+        if path.is_file():
+            members.append((f"{m}.mp4", path.read_bytes()))
+    mask = root / "mask" / rel.with_suffix(".mp4")
+    if mask.is_file():
+        members.append(("mask.mp4", mask.read_bytes()))
+    keypoints = root / "keypoint" / rel.with_suffix(".json")
+    if keypoints.is_file():
+        members.append(("keypoint.json", keypoints.read_bytes()))
+    return members
+
+
+def _probe_fields(data: bytes, rel: Path) -> dict:
+    from datamodules.codec import VideoDecodeError, probe
+
+    try:
+        info = probe(data)
+    except VideoDecodeError as e:
+        warnings.warn(f"{rel}: not a decodable video ({e}); skipped", stacklevel=3)
+        raise SkipSample("undecodable video") from e
+    return {"fps": info.fps, "frames": info.frames, "width": info.width, "height": info.height}
+
+
+def _folder(src: Path, out: str, samples_per_shard: int, prefix: str, recursive: bool, resume: bool,
+            progress: bool) -> list[str]:  # fmt: skip
+    from datamodules.controls import MODALITIES
+
+    side = set(MODALITIES) | {"mask"}  # control sub-folders: never source videos
+    pattern = "**/*.mp4" if recursive else "*.mp4"
+    videos = sorted(p.relative_to(src) for p in src.glob(pattern) if p.is_file())
+    videos = [rel for rel in videos if rel.parts[0] not in side]
+    if not videos:
+        raise ValueError(f"no *.mp4 videos in {src}" + ("" if recursive else " (--recursive true searches sub-folders)"))
+    by_key: dict[str, Path] = {}
+    missing: list[str] = []
+    for rel in videos:
+        caption = src / rel.with_suffix(".txt")
+        if not caption.is_file():
+            missing.append(str(rel))
+            continue
+        key = _key_of(rel)
+        if key in by_key:
+            raise ValueError(f"{rel} and {by_key[key]} map to the same sample key {key!r}; rename one")
+        by_key[key] = rel
+    if missing:
+        warnings.warn(f"{len(missing)} video(s) have no .txt caption and are skipped: "
+                      f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}", stacklevel=3)  # fmt: skip
+    if not by_key:
+        raise ValueError(f"none of the {len(videos)} videos in {src} has a same-stem .txt caption")
+
+    def build(key: str) -> Members:
+        rel = by_key[key]
+        data = (src / rel).read_bytes()
+        meta = _probe_fields(data, rel)
+        caption = (src / rel.with_suffix(".txt")).read_text(encoding="utf-8").strip()
+        controls = _control_members(src, rel, MODALITIES)
+        meta = {"caption": caption, **meta, "source": rel.as_posix(), "controls": [e for e, _ in controls]}
+        return [("mp4", data), ("txt", caption.encode("utf-8")), ("json", json.dumps(meta).encode())] + controls
+
+    config = {"mode": "folder", "src": str(src.resolve())}
+    info = {"source": str(src.resolve()), "skipped_no_caption": missing[:100]}
+    return write_shards(out, list(by_key), build, samples_per_shard, prefix, config, resume, progress, info,
+                        skipped={"no caption": missing})  # fmt: skip
+
+
+def load_pickle_array(path: Path, what: str) -> Any:
+    """The array in a Cosmos-Transfer1 pickle, as a torch tensor.
+
+    Accepted: a numpy array or torch tensor; a list/tuple holding one (Transfer1's
+    ``get_t5_embeddings.py`` pickles ``[array (L, D)]``); a dict with the array under one of
+    ``emb, embedding, embeddings, t5_xxl, text_embeddings, encoded_text, noise, array, data`` or
+    as its only array value. Leading batch dimensions of size 1 are dropped by the caller.
+    ``pickle.load`` runs arbitrary code from the file: use this on trusted data only.
+    """
+    import numpy as np
+    import torch
+
+    with open(path, "rb") as f:
+        obj = pickle.load(f)  # trusted data only (see docstring)
+    if isinstance(obj, (list, tuple)) and len(obj) == 1:
+        obj = obj[0]
+    if isinstance(obj, dict):
+        names = ("emb", "embedding", "embeddings", "t5_xxl", "text_embeddings", "encoded_text", "noise", "array", "data")
+        arrays = {k: v for k, v in obj.items() if isinstance(v, (np.ndarray, torch.Tensor))}
+        hit = next((k for k in names if k in arrays), None)
+        if hit is None and len(arrays) == 1:
+            hit = next(iter(arrays))
+        if hit is None:
+            raise ValueError(f"{path}: {what} pickle is a dict without a known array key (keys: {sorted(obj)})")
+        obj = obj[hit]
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind != "f":
+            raise ValueError(f"{path}: {what} must be a float array, got {obj.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().contiguous()
+    raise ValueError(f"{path}: {what} pickle holds a {type(obj).__name__}, expected a numpy array")
+
+
+def _squeeze(t: Any, ndim: int, path: Path, what: str) -> Any:
+    while t.ndim > ndim and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != ndim:
+        raise ValueError(f"{path}: {what} has shape {tuple(t.shape)}, expected {ndim} dims")
+    return t.contiguous()
+
+
+def _transfer1(src: Path, out: str, samples_per_shard: int, prefix: str, resume: bool, progress: bool) -> list[str]:
+    import torch
+    from safetensors.torch import save as st_save
+
+    from datamodules.controls import MODALITIES
+
+    videos_dir = src / "videos"
+    videos = sorted(videos_dir.glob("*.mp4")) if videos_dir.is_dir() else []
+    if not videos:
+        raise ValueError(f"{src} is not a Cosmos-Transfer1 KD folder: no videos/*.mp4 in it")
+    print("Cosmos-Transfer1 KD data holds the input noise and the teacher's output video but no "
+          "intermediate teacher states: these shards support 1-step KD only (noise -> video).")  # fmt: skip
+    by_key: dict[str, Path] = {}
+    missing: list[str] = []
+    for video in videos:
+        stem = video.stem
+        need = [src / "t5_xxl" / f"{stem}.pickle", src / "noise" / f"{stem}.pickle"]
+        if not all(p.is_file() for p in need):
+            missing.append(stem)
+            continue
+        key = _key_of(Path(video.name))
+        if key in by_key:
+            raise ValueError(f"{video.name} and {by_key[key].name} map to the same sample key {key!r}")
+        by_key[key] = video
+    if missing:
+        warnings.warn(f"{len(missing)} video(s) lack t5_xxl/ or noise/ pickles and are skipped: "
+                      f"{', '.join(missing[:5])}", stacklevel=3)  # fmt: skip
+    if not by_key:
+        raise ValueError(f"no video in {videos_dir} has both t5_xxl/<stem>.pickle and noise/<stem>.pickle")
+    # Transfer1 calls the blur control "vis"
+    folders = {m: m for m in MODALITIES} | {"vis": "blur"}
+
+    def build(key: str) -> Members:
+        video = by_key[key]
+        stem, rel = video.stem, Path(video.name)
+        data = video.read_bytes()
+        meta = _probe_fields(data, rel)
+        caption = ""
+        for txt in (videos_dir / f"{stem}.txt", src / "metas" / f"{stem}.txt"):
+            if txt.is_file():
+                caption = txt.read_text(encoding="utf-8").strip()
+                break
+        emb = _squeeze(load_pickle_array(src / "t5_xxl" / f"{stem}.pickle", "t5_xxl"), 2, video, "t5_xxl embedding")
+        noise = _squeeze(load_pickle_array(src / "noise" / f"{stem}.pickle", "noise"), 4, video, "noise")
+        tokens = emb.shape[0]
+        mask = torch.ones(max(tokens, T1_TEXT_LENGTH), dtype=torch.uint8)
+        if tokens < T1_TEXT_LENGTH:  # zero-pad to 512 tokens as Transfer1's data loader does
+            mask[tokens:] = 0
+            emb = torch.cat([emb, emb.new_zeros(T1_TEXT_LENGTH - tokens, emb.shape[1])])
+        controls: Members = []
+        for folder, m in folders.items():
+            path = src / folder / f"{stem}.mp4"
+            if path.is_file() and f"{m}.mp4" not in dict(controls):
+                controls.append((f"{m}.mp4", path.read_bytes()))
+        meta = {"caption": caption, **meta, "source": f"videos/{video.name}", "kd": "transfer1",
+                "teacher_states": False, "text_tokens": tokens, "controls": [e for e, _ in controls]}  # fmt: skip
+        return [
+            ("mp4", data),
+            ("txt", caption.encode("utf-8")),
+            ("json", json.dumps(meta).encode()),
+            *controls,
+            ("text.safetensors", st_save({"emb": emb, "mask": mask})),
+            ("kd.safetensors", st_save({"noise": noise})),
+        ]
+
+    config = {"mode": "transfer1", "src": str(src.resolve())}
+    info = {"source": str(src.resolve()), "kd": "transfer1", "teacher_states": False, "skipped_incomplete": missing[:100]}
+    return write_shards(out, list(by_key), build, samples_per_shard, prefix, config, resume, progress, info,
+                        skipped={"no t5_xxl or noise pickle": missing})  # fmt: skip
+
+
+def _parse_shape(text: str, n: int, what: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != n or min(shape) < 1:
+        raise ValueError(f"{what} must be {n} positive integers joined by 'x', got {text!r}")
+    return shape
+
+
+def make_shards(
+    src: str | None = None,
+    out: str = "shards",
+    samples_per_shard: int = 100,
+    prefix: str = "train",
+    synthetic: str | None = None,
+    num_samples: int = 64,
+    num_frames: int = 33,
+    height: int = 64,
+    width: int = 96,
+    fps: float = 24.0,
+    controls: str = "edge",
+    latent_shape: str = "16x24x88x160",
+    text_shape: str = "512x1024",
+    seed: int = 0,
+    transfer1_kd: bool = False,
+    recursive: bool = False,
+    resume: bool = True,
+    progress: bool = True,
+) -> None:
+    """Write webdataset shards from a folder of captioned videos, a Cosmos-Transfer1 KD folder, or the synthetic default.
+
+    A folder: every ``*.mp4`` with a same-stem ``.txt`` caption becomes one sample (videos
+    without a caption are skipped, warned about and counted in index.json). Optional controls
+    beside it: ``src/<modality>/<stem>.mp4`` for edge, blur, depth, seg, keypoint,
+    ``src/mask/<stem>.mp4`` and ``src/keypoint/<stem>.json``. Video bytes are stored as they
+    are (never re-encoded); fps, frame count and size from the container go into the json.
+
+    ``--transfer1_kd true``: ``src`` is a Cosmos-Transfer1 KD folder (``videos/*.mp4`` teacher
+    outputs, ``t5_xxl/*.pickle`` text embeddings, ``noise/*.pickle`` input noise, ``edge/*.mp4``
+    or other control folders; ``vis/`` becomes ``blur.mp4``). Captions come from
+    ``videos/<stem>.txt`` or ``metas/<stem>.txt``, else "". The embeddings go to
+    ``text.safetensors`` (zero-padded to 512 tokens, mask marking the real ones) and the noise
+    to ``kd.safetensors`` ("noise" only). That layout holds no intermediate teacher states, so
+    these shards support 1-step KD only (json ``teacher_states: false``). Pickles are read with
+    ``pickle.load``, which can run code: convert trusted data only.
+
+    Args:
+        src: folder of videos (or the KD folder with --transfer1_kd); not used with --synthetic.
+        out: output folder for the shards and index.json.
+        samples_per_shard: samples per shard.
+        prefix: shard names are ``{prefix}-{index:06d}.tar``.
+        synthetic: ``video`` (moving-shape clips with captions and real controls) or ``latent``
+            (random latents and text embeddings at a given shape, no videos; for GPU
+            benchmarks) instead of ``src``.
+        num_samples: synthetic: number of clips.
+        num_frames: synthetic video: frames per clip.
+        height: synthetic video: frame height (even).
+        width: synthetic video: frame width (even).
+        fps: synthetic: frame rate written to the videos and json.
+        controls: synthetic: comma-separated control modalities (video: computed ones, edge
+            and/or blur; latent: names of the ``control.<m>`` latents); "" for none.
+        latent_shape: synthetic latent: ``CxTxHxW`` of each latent (default: Wan2.1 latents
+            of a 720p 93-frame clip).
+        text_shape: synthetic latent: ``LxD`` of the text embedding (the 2b preset's text
+            projection takes D = 100352, Transfer2.5's Reason1 embedding).
+        seed: synthetic: seed; the same seed gives byte-identical shards.
+        transfer1_kd: read ``src`` as a Cosmos-Transfer1 KD folder.
+        recursive: folder: also take videos from sub-folders (not the control folders); keys
+            join the folders with ``__``.
+        resume: keep the shards a previous run finished (see index.json); False rewrites all.
+        progress: show a progress bar.
+    """
+    if synthetic is not None:
+        if src is not None or transfer1_kd:
+            raise ValueError("--synthetic makes its own data: give no src and no --transfer1_kd")
+        from datamodules.synthetic import write_latent_shards, write_synthetic_shards
+
+        mods = tuple(m.strip() for m in controls.split(",") if m.strip())
+        if synthetic == "video":
+            paths = write_synthetic_shards(out, num_samples, samples_per_shard, num_frames, height, width, fps, seed,
+                                           mods, progress, prefix=prefix, resume=resume)  # fmt: skip
+        elif synthetic == "latent":
+            shape = _parse_shape(latent_shape, 4, "latent_shape")
+            text = _parse_shape(text_shape, 2, "text_shape")
+            paths = write_latent_shards(out, num_samples, shape, text, samples_per_shard, seed,
+                                        control_modalities=mods, fps=fps, prefix=prefix, resume=resume,
+                                        progress=progress)  # fmt: skip
+        else:
+            raise ValueError(f"synthetic must be 'video' or 'latent', got {synthetic!r}")
+        _report(paths, out)
+        return
+    if src is None:
+        raise ValueError("give a source folder (src) or --synthetic video|latent")
+    root = Path(src)
+    if not root.is_dir():
+        raise FileNotFoundError(f"source folder {src!r} does not exist")
+    if transfer1_kd:
+        paths = _transfer1(root, out, samples_per_shard, prefix, resume, progress)
+    else:
+        paths = _folder(root, out, samples_per_shard, prefix, recursive, resume, progress)
+    _report(paths, out)

@@ -1,0 +1,74 @@
+"""The one sharding policy every stage applies to every network (trained or frozen).
+
+Called from a LightningModule's `configure_model` under Lightning's ModelParallelStrategy with
+tensor_parallel_size=1 and data_parallel_size=world size: FSDP2 `fully_shard` on each block
+(base trunk and control branches), then on the root, so every parameter (blocks, embeddings,
+heads, control projections) is under `fully_shard` and gets its gradients reduced. Parameters
+left outside would silently drift apart across ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from modules.denoiser import Denoiser
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "none": None}
+
+
+@dataclass
+class ShardingConfig:
+    """How networks are sharded; every stage's recipe carries one under `sharding`."""
+
+    param_dtype: str = "bfloat16"
+    """Dtype parameters are all-gathered and computed in (bfloat16, float32; none keeps storage dtype)."""
+    reduce_dtype: str = "float32"
+    """Dtype gradients are reduce-scattered in."""
+    checkpointing: str = "full"
+    """Activation checkpointing per block: none, full (recompute the block) or selective
+    (keep matmul/attention outputs, recompute norms, modulation and activations)."""
+
+    def __post_init__(self) -> None:
+        for name in ("param_dtype", "reduce_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"sharding.{name} must be one of {', '.join(DTYPES)}")
+        if self.checkpointing not in ("none", "full", "selective"):
+            raise ValueError("sharding.checkpointing must be none, full or selective")
+
+
+def set_checkpointing(model: Denoiser, mode: str) -> None:
+    """Switch activation checkpointing on every block of the trunk and the control branches."""
+    flag = {"none": False, "full": True, "selective": "selective"}[mode]
+    for block in blocks_in_order(model):
+        block.checkpoint = flag
+
+
+def blocks_in_order(model: Denoiser) -> list[torch.nn.Module]:
+    """Blocks in execution order: control branches run before the trunk (their residuals feed it)."""
+    return [b for branch in model.controls.values() for b in branch.blocks] + list(model.net.blocks)
+
+
+def shard_model(model: Denoiser, mesh: DeviceMesh | None, cfg: ShardingConfig) -> Denoiser:
+    """Apply activation checkpointing and FSDP2 to a Denoiser (built on meta or materialised).
+
+    Each block is its own FSDP unit so only one block's full parameters live at a time; the last
+    block of the forward keeps its parameters after forward (they are needed first in backward).
+    With no mesh (a single process without a process group) only checkpointing is applied.
+    """
+    set_checkpointing(model, cfg.checkpointing)
+    if mesh is None:
+        return model
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+    blocks = blocks_in_order(model)
+    for i, block in enumerate(blocks):
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    # stages call model.denoise / model.velocity, not only model(...): both must gather the root's
+    # parameters the way forward does
+    for method in ("denoise", "velocity"):
+        register_fsdp_forward_method(model, method)
+    return model

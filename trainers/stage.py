@@ -1,0 +1,285 @@
+"""What every training stage shares: building sharded networks, turning batches into latents and
+text conditions, per-sample random streams, the optimizer and its schedule, and exporting the
+trained network. Stages (modules/control.py, kd.py, dmd2.py) subclass `Stage`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from modules.denoiser import Cond, Denoiser
+from modules.generator import to_unit
+from modules.nets import NetConfig, preset
+from modules.text import TextEncoder
+from modules.tokenizer import build_tokenizer
+
+from .callbacks import EMAWeights
+from .fsdp import ShardingConfig, shard_model
+
+
+@dataclass
+class NetSpec:
+    """Which network to build: a preset (with overrides) or a saved Denoiser directory."""
+
+    preset: str = "tiny"
+    """tiny, small, 2b or 14b (modules/nets/presets.py)."""
+    init_from: str | None = None
+    """Directory written by import-weights / export / consolidate; its config wins over `preset`."""
+    overrides: dict = field(default_factory=dict)
+    """DiTConfig fields to override on the preset, e.g. {text_proj_in: null}."""
+
+
+@dataclass
+class TokenizerSpec:
+    kind: str = "pixel"
+    """pixel (lossless, no weights), cosmos-jit, wan2.1, or none (batches carry precomputed
+    latents; no sample videos can be decoded)."""
+    path: str | None = None
+    """Local directory of the tokenizer weights (cosmos-jit, wan2.1)."""
+    options: dict = field(default_factory=lambda: {"spatial": 4})
+    """Extra constructor arguments (pixel: spatial, temporal; wan2.1: dtype, tiling)."""
+
+
+@dataclass
+class TextSpec:
+    encoder: str = "tiny"
+    """tiny (seeded T5, no download), a local transformers directory, or none (batches carry
+    precomputed `text_emb`)."""
+    max_length: int = 64
+    """Prompts are padded / truncated to this many tokens."""
+    dropout: float = 0.1
+    """Probability of training a sample on the null text (zeros), which CFG's unconditional uses."""
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    """Linear warm-up from 0 over this many optimizer steps."""
+    schedule: str = "constant"
+    """After warm-up: constant or cosine (to min_lr_ratio x lr at total_steps)."""
+    total_steps: int = 10_000
+    min_lr_ratio: float = 0.1
+
+
+def allow_in_checkpoints(*classes: type) -> None:
+    """Config dataclasses are saved as hyperparameters; let torch.load(weights_only=True) read them."""
+    torch.serialization.add_safe_globals(list(classes))
+
+
+allow_in_checkpoints(NetSpec, TokenizerSpec, TextSpec, OptimSpec, ShardingConfig)
+
+
+def lr_lambda(spec: OptimSpec):
+    def fn(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if spec.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.total_steps - spec.warmup_steps))
+        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    if spec.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule must be constant or cosine, got {spec.schedule!r}")
+    return fn
+
+
+def sample_generator(seed: int, step: int, index: int, device: torch.device) -> torch.Generator:
+    """The random stream of one training sample: a function of (seed, step, global sample index)
+    only, so a resumed run and a run on any number of ranks draw the same numbers."""
+    mixed = (seed * 1_000_003 + step) * 1_000_033 + index
+    return torch.Generator(device=device).manual_seed(mixed % (2**63))
+
+
+class Stage(L.LightningModule):
+    """Base of the training stages. Subclasses build their networks in `configure_model` with
+    `build_denoiser` and implement training_step."""
+
+    def __init__(self, tokenizer: TokenizerSpec, text: TextSpec, optim: OptimSpec, sharding: ShardingConfig,
+                 seed: int, ema_decay: float | None = None, export_to: str | None = None):
+        super().__init__()
+        self.tok_spec, self.text_spec, self.optim_spec, self.sharding, self.seed = tokenizer, text, optim, sharding, seed
+        self.ema_decay, self.export_to = ema_decay, export_to
+        self.ema: EMAWeights | None = None
+        self.tokenizer = None if tokenizer.kind == "none" else build_tokenizer(tokenizer.kind, tokenizer.path,
+                                                                                   **tokenizer.options)
+        self.text_encoder = None
+        if text.encoder == "tiny":
+            self.text_encoder = TextEncoder.tiny(max_length=text.max_length)
+        elif text.encoder != "none":
+            self.text_encoder = TextEncoder.from_pretrained(text.encoder, max_length=text.max_length)
+
+    # --- networks -----------------------------------------------------------------------------
+
+    def net_config(self, spec: NetSpec, modalities: list[str]) -> NetConfig:
+        """The NetConfig to build: from `init_from` if given, else the preset fitted to the tokenizer."""
+        if spec.init_from:
+            cfg = Denoiser.config_from(spec.init_from)
+        else:
+            cfg = preset(spec.preset, **spec.overrides)
+            if self.tokenizer is not None:
+                cfg.dit.latent_channels = self.tokenizer.latent_channels
+                cfg.control.channels = max(cfg.control.channels, self.tokenizer.latent_channels)
+            if self.text_encoder is not None:  # the text width the network reads is the encoder's
+                if cfg.dit.text_proj_in:
+                    cfg.dit.text_proj_in = self.text_encoder.out_dim
+                else:
+                    cfg.dit.text_dim = self.text_encoder.out_dim
+        cfg.modalities = list(modalities)
+        return cfg
+
+    def build_denoiser(self, spec: NetSpec, modalities: list[str], trainable: str | None) -> Denoiser:
+        """Meta build -> freeze -> shard -> materialise -> seeded init -> load `init_from`.
+
+        trainable: "control" (control branches only), "all", or None (frozen network).
+        Control branches missing from `init_from` start as copies of the base's first blocks
+        with zero output projections, so training starts exactly at the base.
+        """
+        cfg = self.net_config(spec, modalities)
+        with torch.device("meta"):
+            model = Denoiser(cfg)
+        model.requires_grad_(False)
+        if trainable == "control":
+            model.controls.requires_grad_(True)
+        elif trainable == "all":
+            model.requires_grad_(True)
+        elif trainable is not None:
+            raise ValueError(f"trainable must be control or all, got {trainable!r}")
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        shard_model(model, mesh, self.sharding)
+        model.to_empty(device=self.trainer.strategy.root_device if self._trainer else torch.device("cpu"))
+        model.init_weights(self.seed)
+        if spec.init_from:
+            load_weights(model, spec.init_from)
+        else:
+            for branch in model.controls.values():
+                branch.init_from_base(model.net)
+        return model
+
+    def track_ema(self, model: Denoiser) -> None:
+        """Shadow `model`'s trainable weights (call in configure_model, after build_denoiser)."""
+        if self.ema_decay:
+            self.ema = EMAWeights(model, self.ema_decay)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.ema.update(self.trained_model())
+
+    def trained_model(self) -> Denoiser:
+        """The network this stage trains (the one EMA tracks and export writes)."""
+        return self.model
+
+    def on_train_end(self) -> None:
+        if self.export_to:
+            self.export(self.trained_model(), self.export_to)
+
+    # --- batches --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def latents(self, batch: dict, key: str) -> torch.Tensor:
+        """Latents of `video` or `control`: precomputed (`latent`, `control_latent`) or encoded now."""
+        pre = {"video": "latent", "control": "control_latent"}[key]
+        if pre in batch:
+            return batch[pre].float()
+        if self.tokenizer is None:
+            raise ValueError(f"the batch has no precomputed {pre} and the recipe's tokenizer.kind is none")
+        return self.tokenizer.encode(to_unit(batch[key])).float()
+
+    @torch.no_grad()
+    def text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "text_emb" in batch:
+            return batch["text_emb"].float(), batch["text_mask"].bool()
+        if self.text_encoder is None:
+            raise ValueError("the batch has no text_emb and the recipe's text.encoder is none")
+        emb, mask = self.text_encoder.encode(list(batch["caption"]))
+        return emb.to(self.device).float(), mask.to(self.device)
+
+    def sample_index(self, i: int, batch_size: int, micro: int = 0) -> int:
+        """Global index of local sample i of accumulation micro-batch `micro`: within an optimizer
+        step, micro-batch m of every rank comes before m + 1, and ranks hold consecutive slices."""
+        world = self._trainer.world_size if self._trainer is not None else 1
+        return (micro * world + self.global_rank) * batch_size + i
+
+    def drop_text(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
+        """Null text (zeros, all positions visible: cross-attention then adds exactly 0) where drop."""
+        keep = (~drop).view(-1, 1, 1).to(text.dtype)
+        mask = torch.where(drop.view(-1, 1), torch.ones_like(mask), mask)
+        return text * keep, mask
+
+    def tokens_per_sample(self, batch: dict) -> int:
+        """DiT tokens of one sample (for throughput): latent frames x patches."""
+        cfg = self.trained_model().cfg.dit
+        if "latent" in batch:
+            T, H, W = batch["latent"].shape[-3:]
+        elif self.tokenizer is not None:
+            _, T, H, W = self.tokenizer.latent_shape(*batch["video"].shape[-3:])
+        else:
+            return 0
+        return (T // cfg.patch[0]) * (H // cfg.patch[1]) * (W // cfg.patch[2])
+
+    @staticmethod
+    def fps(batch: dict) -> float | None:
+        """One fps per batch (RoPE is per batch); the datamodule delivers clips at one rate."""
+        return float(batch["fps"][0]) if "fps" in batch else None
+
+    # --- optimisation ---------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        spec = self.optim_spec
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("nothing to train: no parameter requires grad")
+        opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- export ---------------------------------------------------------------------------------
+
+    def export(self, model: Denoiser, path: str | Path) -> None:
+        """Full (unsharded) weights of `model` (its EMA where tracked) as a Denoiser directory
+        (config.json + model.safetensors, Denoiser.from_pretrained), written by rank 0."""
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.ema is not None:
+            ema = {k: v for k, v in self.ema.state_for(model).items() if k in self.ema.names}
+            full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in ema.items()}
+            state.update(full)
+        if self.global_rank == 0:
+            from safetensors.torch import save_file
+
+            path = Path(path)
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text(model.cfg_json())
+            save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors")
+
+
+def load_weights(model: Denoiser, path: str | Path) -> None:
+    """Load a Denoiser directory into a (possibly sharded) model. Control branches absent from the
+    file start from the base's first blocks; any other missing or unexpected key is an error."""
+    from safetensors.torch import load_file
+
+    state = load_file(Path(path) / "model.safetensors")
+    expected = set(get_model_state_dict(model).keys())
+    for name, branch in model.controls.items():
+        if not any(k.startswith(f"controls.{name}.") for k in state):
+            for i in range(len(branch.blocks)):
+                for k in [k for k in state if k.startswith(f"net.blocks.{i}.")]:
+                    state[f"controls.{name}.blocks.{i}." + k[len(f"net.blocks.{i}."):]] = state[k]
+    missing = sorted(k for k in expected - set(state)
+                     if not any(part in k for part in (".embed.", ".before_proj.", ".after_proj.")))
+    unexpected = sorted(k for k in set(state) - expected if not k.startswith("controls."))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the network: missing {missing}, unexpected {unexpected}")
+    state = {k: v for k, v in state.items() if k in expected}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
