@@ -63,30 +63,17 @@ the next one of the rank's range, so every call yields the same batches.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import cv2
 import lightning
-import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.codec import VideoDecodeError, clip_indices, decode_video, probe, resize_crop
-from datamodules.controls import (
-    CONTROL_INTERPOLATION,
-    MODALITIES,
-    compute_control,
-    load_control_video,
-    mask_video,
-    render_keypoints,
-)
+from datamodules.controls import MODALITIES
+from datamodules.sample import SAMPLE_ERRORS, SampleLoader, check_fits, collate
 from datamodules.shards import (
     SHARD_ERRORS,
     Entry,
@@ -103,197 +90,6 @@ __all__ = ["MAX_CONSECUTIVE_FAILURES", "SAMPLE_ERRORS", "VideoDataModule", "coll
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 1000
-# What a broken sample raises (json and unicode errors are ValueErrors).
-SAMPLE_ERRORS = (VideoDecodeError, KeyError, ValueError, cv2.error, SafetensorError)
-_COMPUTABLE = ("edge", "blur")
-
-
-# --------------------------------------------------------------------------------------------
-# One sample
-# --------------------------------------------------------------------------------------------
-
-
-class _SampleLoader:
-    """Raw sample dict -> decoded sample dict (picklable; shared by train and val datasets)."""
-
-    def __init__(self, num_frames, height, width, stride, target_fps, modality, control_preset,
-                 use_text_embeddings, use_latents):  # fmt: skip
-        self.num_frames, self.height, self.width = num_frames, height, width
-        self.stride, self.target_fps = stride, target_fps
-        self.modality, self.control_preset = modality, control_preset
-        self.use_text_embeddings, self.use_latents = use_text_embeddings, use_latents
-
-    def __call__(self, raw: dict, rng: random.Random | None) -> dict:
-        """rng given: training (random clip start and control parameters); None: validation."""
-        meta = _json(raw)
-        out: dict[str, Any] = {"key": raw["__key__"], "caption": _caption(raw, meta)}
-        if self.use_text_embeddings:
-            t = _tensors(raw["text.safetensors"], "text.safetensors")
-            emb, mask = t["emb"], t["mask"]
-            if emb.ndim != 2 or mask.shape != (emb.shape[0],):
-                raise ValueError(
-                    f"text.safetensors: emb {tuple(emb.shape)} / mask {tuple(mask.shape)}, want (L, D) / (L,)"
-                )
-            out["text_emb"], out["text_mask"] = emb, mask.bool()
-        need_pixels = not self.use_latents
-        if self.use_latents:
-            t = _tensors(raw["latent.safetensors"], "latent.safetensors")
-            out["latent"] = _check_ndim(t["latent"], 4, "latent")
-            name = f"control.{self.modality}"
-            if self.modality is not None and name in t:
-                out["control_latent"] = _check_ndim(t[name], 4, name)
-            elif self.modality is not None:
-                need_pixels = True  # control pixels from the video's first clip (the latents' clip)
-        if not need_pixels:
-            src_fps = _fps_from(meta, raw)
-            out["fps"] = self._clip_fps(src_fps)
-            if "mask.mp4" in raw:  # the latents' clip: the first one
-                indices = clip_indices(1 << 30, self.num_frames, self.stride,
-                                       src_fps if self.target_fps else None, self.target_fps, 0)  # fmt: skip
-                out["mask"] = self._mask(raw["mask.mp4"], indices)
-            return out
-
-        data = raw["mp4"]
-        info = probe(data)
-        src_fps = info.fps if info.fps > 0 else float(meta.get("fps", 0.0))
-        everything = None
-        total = info.frames
-        if total <= 0:  # the container does not know: decode it all once
-            everything, _ = decode_video(data)
-            total = len(everything)
-        start = 0 if rng is None or self.use_latents else None
-        indices = clip_indices(total, self.num_frames, self.stride,
-                               src_fps if self.target_fps else None, self.target_fps, start, rng)  # fmt: skip
-        frames = everything[indices] if everything is not None else decode_video(data, indices)[0]
-        frames = resize_crop(frames, self.height, self.width)
-        out["fps"] = self._clip_fps(src_fps)
-        if not self.use_latents:
-            out["video"] = _to_tensor(frames)
-        if self.modality is not None and "control_latent" not in out:
-            control = self._control(raw, indices, frames, info, rng)
-            if control.shape != frames.shape:
-                raise ValueError(f"control {control.shape} does not match the clip {frames.shape}")
-            out["control"] = _to_tensor(control)
-        if "mask.mp4" in raw:
-            out["mask"] = self._mask(raw["mask.mp4"], indices)
-        return out
-
-    def _mask(self, data: bytes, indices: list[int]) -> torch.Tensor:
-        return torch.from_numpy(mask_video(data, indices, self.height, self.width))[None]
-
-    def _clip_fps(self, src_fps: float) -> float:
-        return float(self.target_fps) if self.target_fps else float(src_fps) / self.stride
-
-    def _control(self, raw, indices, frames, info, rng) -> np.ndarray:
-        m = self.modality
-        if f"{m}.mp4" in raw:
-            interpolation = CONTROL_INTERPOLATION[m]
-            return load_control_video(raw[f"{m}.mp4"], indices, self.height, self.width, interpolation)
-        if m in _COMPUTABLE:
-            return compute_control(m, frames, rng=rng, preset=self.control_preset)
-        if m == "keypoint" and "keypoint.json" in raw:
-            per_frame = json.loads(raw["keypoint.json"])
-            if not isinstance(per_frame, list) or max(indices) >= len(per_frame):
-                raise ValueError(f"keypoint.json has no entry for frame {max(indices)}")
-            kp = np.asarray([per_frame[i] for i in indices], dtype=np.float32)  # ragged -> ValueError
-            video = render_keypoints(kp, info.height, info.width)  # source pixels, then as the clip
-            return resize_crop(video, self.height, self.width, CONTROL_INTERPOLATION[m])
-        raise KeyError(f"sample has no {m}.mp4" + (" or keypoint.json" if m == "keypoint" else ""))
-
-
-def _json(raw: dict) -> dict:
-    if "json" not in raw:
-        return {}
-    meta = json.loads(raw["json"])
-    if not isinstance(meta, dict):
-        raise ValueError(f"json is a {type(meta).__name__}, not an object")
-    return meta
-
-
-def _caption(raw: dict, meta: dict) -> str:
-    if "txt" in raw:
-        return raw["txt"].decode("utf-8").strip()
-    caption = meta.get("caption")
-    if not isinstance(caption, str):
-        raise KeyError("sample has no caption (no txt, no caption in json)")
-    return caption.strip()
-
-
-def _fps_from(meta: dict, raw: dict) -> float:
-    fps = meta.get("fps")
-    if isinstance(fps, (int, float)) and fps > 0:
-        return float(fps)
-    if "mp4" in raw and (fps := probe(raw["mp4"]).fps) > 0:
-        return fps
-    raise KeyError("no fps: neither json nor mp4 gives one")
-
-
-def _tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_safetensors(data)
-    except SafetensorError as e:
-        raise ValueError(f"{name}: {e}") from e
-
-
-def _check_ndim(t: torch.Tensor, ndim: int, name: str) -> torch.Tensor:
-    if t.ndim != ndim:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, want {ndim} dims")
-    return t
-
-
-def _to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (3, T, H, W) uint8."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).contiguous()
-
-
-# --------------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------------
-
-
-def collate(samples: Sequence[dict], skipped: int = 0) -> dict:
-    """Stack decoded samples into a batch dict (see the module doc)."""
-    first = samples[0]
-    batch: dict[str, Any] = {
-        "key": [s["key"] for s in samples],
-        "caption": [s["caption"] for s in samples],
-        "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
-    }
-    for name in ("video", "control", "latent", "control_latent"):
-        if name in first:
-            batch[name] = torch.stack([s[name] for s in samples])
-    if any("mask" in s for s in samples):
-        ref = next(s for s in samples if "mask" in s)["mask"]
-        batch["mask"] = torch.stack([s.get("mask", torch.ones_like(ref)) for s in samples])
-    if "text_emb" in first:
-        length = max(s["text_emb"].shape[0] for s in samples)
-        emb = first["text_emb"].new_zeros((len(samples), length, first["text_emb"].shape[1]))
-        mask = torch.zeros((len(samples), length), dtype=torch.bool)
-        for i, s in enumerate(samples):
-            n = s["text_emb"].shape[0]
-            emb[i, :n], mask[i, :n] = s["text_emb"], s["text_mask"]
-        batch["text_emb"], batch["text_mask"] = emb, mask
-    batch["skipped"] = torch.tensor(skipped, dtype=torch.int64)
-    return batch
-
-
-def _fits(batch: list[dict], sample: dict) -> None:
-    """Raise ValueError if `sample` cannot be stacked with the samples already in `batch`."""
-    if not batch:
-        return
-    ref = batch[0]
-    for name in ("video", "control", "latent", "control_latent", "mask"):
-        if name in sample and name in ref and sample[name].shape != ref[name].shape:
-            shapes = tuple(sample[name].shape), tuple(ref[name].shape)
-            raise ValueError(f"{name} shape {shapes[0]} differs from the batch's {shapes[1]}")
-        if name in ("latent", "control_latent") and (name in sample) != (name in ref):
-            raise ValueError(f"{name} present in some samples of the batch only")
-    if "text_emb" in sample and sample["text_emb"].shape[1:] != ref["text_emb"].shape[1:]:
-        raise ValueError("text_emb width differs from the batch's")
-    if sample["fps"] <= 0 or not math.isfinite(sample["fps"]):
-        raise ValueError(f"bad fps {sample['fps']}")
-
-
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     if info is None:
@@ -337,7 +133,7 @@ class _Failures:
 class _TrainDataset(IterableDataset):
     """The training stream of one rank; `set_epoch` before each iteration (see module doc)."""
 
-    def __init__(self, loader: _SampleLoader, urls: list[str], batch_size: int, batches_per_epoch: int,
+    def __init__(self, loader: SampleLoader, urls: list[str], batch_size: int, batches_per_epoch: int,
                  seed: int, rank: int, world: int, resample: bool):  # fmt: skip
         self.loader, self.urls, self.batch_size = loader, urls, batch_size
         self.batches_per_epoch, self.seed, self.rank, self.world = batches_per_epoch, seed, rank, world
@@ -411,7 +207,7 @@ class _TrainDataset(IterableDataset):
                     counter += 1
                     try:
                         sample = self.loader(raw, rng)
-                        _fits(batch, sample)
+                        check_fits(batch, sample)
                     except SAMPLE_ERRORS as e:
                         fails.fail(entry.url, f"sample {raw['__key__']!r}", e)
                         continue
@@ -434,7 +230,7 @@ class _TrainDataset(IterableDataset):
 class _ValDataset(IterableDataset):
     """Validation batches of one rank: fixed sample indices, fixed clips (see module doc)."""
 
-    def __init__(self, loader: _SampleLoader, urls: list[str], indices: list[int], batch_size: int, rank: int):
+    def __init__(self, loader: SampleLoader, urls: list[str], indices: list[int], batch_size: int, rank: int):
         self.loader, self.urls, self.indices = loader, urls, indices
         self.batch_size, self.rank = batch_size, rank
 
@@ -461,7 +257,7 @@ class _ValDataset(IterableDataset):
                         continue
                     try:
                         sample = self.loader(raw, None)
-                        _fits(batch, sample)
+                        check_fits(batch, sample)
                     except SAMPLE_ERRORS as e:
                         fails.fail(raw["__url__"], f"validation sample {raw['__key__']!r}", e)
                         continue
@@ -596,7 +392,7 @@ class VideoDataModule(lightning.LightningDataModule):
         self.seed, self.resample, self.val_samples = seed, resample, val_samples
         self.batches_per_epoch = batches_per_epoch
         self.rank, self.world_size = rank, world_size
-        self.loader = _SampleLoader(num_frames, height, width, stride, target_fps, modality, control_preset,
+        self.loader = SampleLoader(num_frames, height, width, stride, target_fps, modality, control_preset,
                                     use_text_embeddings, use_latents)  # fmt: skip
         self._rank, self._world = rank or 0, world_size or 1
         self._train_urls: list[str] | None = None

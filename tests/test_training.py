@@ -34,8 +34,9 @@ def params(out: Path) -> dict:
 
 
 def test_two_processes_equal_one(tmp_path):
-    two = run(tmp_path / "two", nproc=2, steps=3, global_batch=4)
-    one = run(tmp_path / "one", nproc=1, steps=3, global_batch=4)
+    # a clip threshold below the gradient norm, so clipping (a global norm over shards) acts
+    two = run(tmp_path / "two", nproc=2, steps=3, global_batch=4, clip=0.05)
+    one = run(tmp_path / "one", nproc=1, steps=3, global_batch=4, clip=0.05)
     assert two[0]["losses"] == two[1]["losses"]
     assert len(one[0]["losses"]) == 3
     for a, b in zip(two[0]["losses"], one[0]["losses"]):

@@ -154,6 +154,7 @@ def measure(impl, cfg, grids, device, steps, peak_tflops) -> list[dict]:
 
 
 def bench(
+    mode: str = "net",
     preset: str = "2b",
     shapes: str = "480p_93f,720p_93f",
     peer: str | None = None,
@@ -163,13 +164,23 @@ def bench(
     checkpointing: bool = True,
     attention_backend: str = "auto",
     peak_tflops: float = 790.0,
+    shards: str | None = None,
+    resolutions: str = "480p,720p",
+    num_frames: int = 93,
+    seconds: float = 20.0,
+    edge: str = "both",
+    workers: int = 1,
 ) -> list[dict]:
     """Time a control-training step and an inference forward of a preset, optionally against a peer.
 
     The training step runs base + control forward, an MSE loss, backward and AdamW on the control
     branch (base frozen); the inference forward is base + control without gradients.
 
+    `--mode data` instead measures data loading: decoded clips per second per worker
+    (tools/bench_data.py), with and without on-the-fly edge extraction.
+
     Args:
+        mode: net (the network against its peer) or data (clip decoding throughput).
         preset: network preset (tiny, small, 2b, 14b); the text projection is left out, as in the peer.
         shapes: comma-separated named shapes (480p_93f, 720p_93f) or latent grids TxHxW.
         peer: "diffusers" to also run diffusers' Cosmos transformer + controlnet of the same configuration.
@@ -179,7 +190,19 @@ def bench(
         checkpointing: activation checkpointing of every block, in both implementations.
         attention_backend: SDPA backend for ours (auto, flash, cudnn, efficient, math).
         peak_tflops: the GPU's dense bf16 peak for MFU (H200/H100 SXM: about 790 by the peer's convention).
+        shards: data mode: shards whose videos are decoded (None: synthetic source videos).
+        resolutions: data mode: comma-separated 480p, 720p or HxW.
+        num_frames: data mode: frames per clip.
+        seconds: data mode: measuring time per configuration.
+        edge: data mode: on, off or both (edge extraction on the fly).
+        workers: data mode: parallel worker processes.
     """
+    if mode == "data":
+        from tools.bench_data import bench_data
+
+        return bench_data(shards, resolutions, num_frames, seconds, edge, workers)
+    if mode != "net":
+        raise ValueError(f"mode must be net or data, got {mode!r}")
     if peer not in (None, "diffusers"):
         raise ValueError(f"unknown peer {peer!r}; the only peer is 'diffusers'")
     dev = torch.device(device)

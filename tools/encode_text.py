@@ -163,7 +163,7 @@ def encode_text(
     from datamodules.codec import VideoDecodeError
     from datamodules.shards import expand_shards
     from modules.text import TextEncoder
-    from tools.make_shards import TarOut, _digest, read_index, write_index
+    from datamodules.writer import TarOut, config_digest, read_index, write_index
 
     if (video_height is None) != (video_width is None):
         raise ValueError("give both video_height and video_width, or neither")
@@ -196,12 +196,12 @@ def encode_text(
     options = {"text_encoder": text_encoder, "max_length": encoder.max_length, "dtype": dtype, "tokenizer": tokenizer,
                "tokenizer_path": tokenizer_path, "size": [video_height, video_width], "num_frames": num_frames,
                "stride": stride, "target_fps": target_fps}  # fmt: skip
-    fingerprint = _digest(options)
+    fingerprint = config_digest(options)
     old = read_index(out_dir) or {}
     # an input folder's own index.json (make-shards) carries over what it knew
     src_dirs = {os.path.dirname(os.path.abspath(u)) for u in urls}
     src_index = read_index(next(iter(src_dirs))) if len(src_dirs) == 1 else None
-    fields = {k: v for k, v in (src_index or old).items() if k not in ("shards", "total", "complete", "encoded")}
+    fields = {k: v for k, v in (src_index or old).items() if k not in ("shards", "total", "complete", "encoded", "skipped")}
     fields.update(created_by="vidistill encode-text", encoded=options)
     entries = {}
     if resume:

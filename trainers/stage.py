@@ -14,7 +14,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from modules.denoiser import Cond, Denoiser
+from modules.denoiser import Denoiser
 from modules.generator import to_unit
 from modules.nets import NetConfig, preset
 from modules.text import TextEncoder

@@ -41,6 +41,7 @@ def main():
     p.add_argument("--resume", default=None)
     p.add_argument("--checkpointing", default="none")
     p.add_argument("--accelerator", default="cpu", help="cpu (gloo) or gpu (nccl)")
+    p.add_argument("--clip", type=float, default=None, help="gradient_clip_val (global norm)")
     a = p.parse_args()
 
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
@@ -55,7 +56,7 @@ def main():
         callbacks.append(ModelCheckpoint(dirpath=a.ckpt_dir, every_n_train_steps=a.epoch_steps, save_top_k=-1))
     trainer = L.Trainer(accelerator=a.accelerator, devices=world, num_nodes=1, max_steps=a.steps,
                         strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
-                        accumulate_grad_batches=a.micro, use_distributed_sampler=False, logger=False,
+                        accumulate_grad_batches=a.micro, gradient_clip_val=a.clip, use_distributed_sampler=False, logger=False,
                         enable_checkpointing=bool(a.ckpt_dir), enable_progress_bar=False, callbacks=callbacks,
                         enable_model_summary=False)
     epoch_steps = a.epoch_steps or a.steps
