@@ -17,7 +17,7 @@ from trainers.stage import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, a
 
 from . import flow
 from .denoiser import Cond
-from .generator import Generator, SamplerConfig
+from .generator import Generator, SamplerConfig, to_uint8
 
 
 @dataclass
@@ -151,4 +151,4 @@ class ControlTraining(Stage):
         g = torch.Generator(device=x0.device).manual_seed(seed + 7919 * self.global_rank)
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         latents = Generator(self.model).sample(cond, noise, sampler, generator=g)
-        return ((self.tokenizer.decode(latents).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return to_uint8(self.tokenizer.decode(latents))
