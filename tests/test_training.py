@@ -86,3 +86,25 @@ def test_zero_initialised_control_starts_at_the_base_loss():
         module.modality = "edge"
         module.model.controls["edge"].after_proj[0].weight.normal_(0, 0.05)
         assert not torch.equal(module.loss(batch, step=0), base)
+
+
+def test_ema_equals_its_formula():
+    from trainers.callbacks import EMAWeights
+
+    net = torch.nn.Linear(3, 2)
+    net.bias.requires_grad_(False)  # only trainable parameters are shadowed
+    d = 0.9
+    p0 = net.weight.detach().clone()
+    ema = EMAWeights(net, d)
+    assert ema.names == ["weight"]
+    values = [p0]
+    for k in range(1, 4):
+        with torch.no_grad():
+            net.weight.copy_(torch.full_like(p0, float(k)))
+        values.append(net.weight.detach().clone())
+        ema.update(net)
+    # ema_n = d^n p0 + sum_k (1 - d) d^(n-k) p_k
+    n = len(values) - 1
+    expected = d**n * values[0] + sum((1 - d) * d ** (n - k) * values[k] for k in range(1, n + 1))
+    torch.testing.assert_close(ema.state_for(net)["weight"], expected)
+    assert torch.equal(ema.state_for(net)["bias"], net.bias)

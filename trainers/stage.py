@@ -124,6 +124,7 @@ class Stage(L.LightningModule):
         """The NetConfig to build: from `init_from` if given, else the preset fitted to the tokenizer."""
         if spec.init_from:
             cfg = Denoiser.config_from(spec.init_from)
+            self.check_fits(cfg, spec.init_from)
         else:
             cfg = preset(spec.preset, **spec.overrides)
             if self.tokenizer is not None:
@@ -136,6 +137,16 @@ class Stage(L.LightningModule):
                     cfg.dit.text_dim = self.text_encoder.out_dim
         cfg.modalities = list(modalities)
         return cfg
+
+    def check_fits(self, cfg: NetConfig, source: str) -> None:
+        """A saved network must read this recipe's latents and text: say so before any shape error."""
+        if self.tokenizer is not None and self.tokenizer.latent_channels != cfg.dit.latent_channels:
+            raise ValueError(f"{source} takes {cfg.dit.latent_channels}-channel latents but the tokenizer "
+                             f"gives {self.tokenizer.latent_channels}")
+        width = cfg.dit.text_proj_in or cfg.dit.text_dim
+        if self.text_encoder is not None and self.text_encoder.out_dim != width:
+            raise ValueError(f"{source} reads {width}-wide text embeddings but the text encoder gives "
+                             f"{self.text_encoder.out_dim}")
 
     def build_denoiser(self, spec: NetSpec, modalities: list[str], trainable: str | None) -> Denoiser:
         """Meta build -> freeze -> shard -> materialise -> seeded init -> load `init_from`.
