@@ -140,14 +140,16 @@ class Denoiser(nn.Module):
         model.to_empty(device=device)
         return model.init_weights(seed)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """`config.json` + `model.safetensors` in a directory."""
+    def save_pretrained(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """`config.json` + `model.safetensors` in a directory; `state` (e.g. gathered full or EMA
+        weights of a sharded model) replaces this module's own state dict."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(self.cfg_json())
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path / "model.safetensors")
+        state = self.state_dict() if state is None else state
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "model.safetensors")
 
     def cfg_json(self) -> str:
         return json.dumps(self.cfg.to_dict(), indent=2)

@@ -267,12 +267,7 @@ class Stage(L.LightningModule):
             full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in ema.items()}
             state.update(full)
         if self.global_rank == 0:
-            from safetensors.torch import save_file
-
-            path = Path(path)
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "config.json").write_text(model.cfg_json())
-            save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors")
+            model.save_pretrained(path, state)
 
 
 def load_weights(model: Denoiser, path: str | Path) -> None:
