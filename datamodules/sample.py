@@ -44,8 +44,9 @@ class SampleLoader:
     """Raw sample dict -> decoded sample dict (picklable; shared by train and val datasets)."""
 
     def __init__(self, num_frames, height, width, stride, target_fps, modality, control_preset,
-                 use_text_embeddings, use_latents):  # fmt: skip
+                 use_text_embeddings, use_latents, use_kd=False):  # fmt: skip
         self.num_frames, self.height, self.width = num_frames, height, width
+        self.use_kd = use_kd
         self.stride, self.target_fps = stride, target_fps
         self.modality, self.control_preset = modality, control_preset
         self.use_text_embeddings, self.use_latents = use_text_embeddings, use_latents
@@ -62,6 +63,9 @@ class SampleLoader:
                     f"text.safetensors: emb {tuple(emb.shape)} / mask {tuple(mask.shape)}, want (L, D) / (L,)"
                 )
             out["text_emb"], out["text_mask"] = emb, mask.bool()
+        if self.use_kd and self._kd(raw, out):
+            out["fps"] = self._clip_fps(_fps_from(meta, raw))
+            return out
         need_pixels = not self.use_latents
         if self.use_latents:
             t = _tensors(raw["latent.safetensors"], "latent.safetensors")
@@ -88,7 +92,7 @@ class SampleLoader:
         if total <= 0:  # the container does not know: decode it all once
             everything, _ = decode_video(data)
             total = len(everything)
-        start = 0 if rng is None or self.use_latents else None
+        start = 0 if rng is None or self.use_latents or self.use_kd else None
         indices = clip_indices(total, self.num_frames, self.stride,
                                src_fps if self.target_fps else None, self.target_fps, start, rng)  # fmt: skip
         frames = everything[indices] if everything is not None else decode_video(data, indices)[0]
@@ -96,7 +100,7 @@ class SampleLoader:
         out["fps"] = self._clip_fps(src_fps)
         if not self.use_latents:
             out["video"] = _to_tensor(frames)
-        if self.modality is not None and "control_latent" not in out:
+        if self.modality is not None and "control_latent" not in out and "control" not in out:
             control = self._control(raw, indices, frames, info, rng)
             if control.shape != frames.shape:
                 raise ValueError(f"control {control.shape} does not match the clip {frames.shape}")
@@ -104,6 +108,28 @@ class SampleLoader:
         if "mask.mp4" in raw:
             out["mask"] = self._mask(raw["mask.mp4"], indices)
         return out
+
+    def _kd(self, raw: dict, out: dict) -> bool:
+        """Put kd.safetensors into `out`; True when nothing else needs decoding."""
+        kd = _tensors(raw["kd.safetensors"], "kd.safetensors")
+        out["kd_noise"] = _check_ndim(kd["noise"], 4, "noise")
+        if "states" in kd:
+            states, t = _check_ndim(kd["states"], 5, "states"), kd["t"]
+            if t.shape != states.shape[:1] or states.shape[1:] != out["kd_noise"].shape:
+                raise ValueError(f"kd states {tuple(states.shape)} / t {tuple(t.shape)} do not fit the noise")
+            out["kd_states"], out["kd_t"] = states, t.float()
+        if "x0" in kd:
+            out["latent"] = _check_ndim(kd["x0"], 4, "x0")
+        name = f"control.{self.modality}"
+        if self.modality is not None and name in kd:
+            control = _check_ndim(kd[name], 4, name)
+            if control.dtype != torch.uint8 or control.shape[0] != 3:
+                raise ValueError(f"{name} must be (3, T, H, W) uint8 pixels, got {control.dtype} {tuple(control.shape)}")
+            if tuple(control.shape[1:]) != (self.num_frames, self.height, self.width):
+                raise ValueError(f"{name} is {tuple(control.shape[1:])} (T, H, W); the datamodule asks for "
+                                 f"{(self.num_frames, self.height, self.width)}: set num_frames/height/width to the KD data's")
+            out["control"] = control
+        return "latent" in out and (self.modality is None or "control" in out)
 
     def _mask(self, data: bytes, indices: list[int]) -> torch.Tensor:
         return torch.from_numpy(mask_video(data, indices, self.height, self.width))[None]
@@ -186,7 +212,7 @@ def collate(samples: Sequence[dict], skipped: int = 0) -> dict:
         "caption": [s["caption"] for s in samples],
         "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
     }
-    for name in ("video", "control", "latent", "control_latent"):
+    for name in ("video", "control", "latent", "control_latent", "kd_noise", "kd_states", "kd_t"):
         if name in first:
             batch[name] = torch.stack([s[name] for s in samples])
     if any("mask" in s for s in samples):
@@ -209,11 +235,11 @@ def check_fits(batch: list[dict], sample: dict) -> None:
     if not batch:
         return
     ref = batch[0]
-    for name in ("video", "control", "latent", "control_latent", "mask"):
+    for name in ("video", "control", "latent", "control_latent", "mask", "kd_noise", "kd_states", "kd_t"):
         if name in sample and name in ref and sample[name].shape != ref[name].shape:
             shapes = tuple(sample[name].shape), tuple(ref[name].shape)
             raise ValueError(f"{name} shape {shapes[0]} differs from the batch's {shapes[1]}")
-        if name in ("latent", "control_latent") and (name in sample) != (name in ref):
+        if name in ("latent", "control_latent", "kd_states") and (name in sample) != (name in ref):
             raise ValueError(f"{name} present in some samples of the batch only")
     if "text_emb" in sample and sample["text_emb"].shape[1:] != ref["text_emb"].shape[1:]:
         raise ValueError("text_emb width differs from the batch's")

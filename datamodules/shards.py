@@ -77,7 +77,8 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike] | None) 
     """The shard list of `spec`, in order.
 
     `spec` is a brace pattern (``"data/train-{000000..000009}.tar"``), a glob, a directory
-    (every ``*.tar`` in it, sorted), a URL, or a list of any of these (concatenated in order).
+    (every ``*.tar`` in it, sorted; with none there, every ``*/*.tar`` one level down, which is
+    how per-rank writers such as make-kd-data lay out their output), a URL, or a list of any of these (concatenated in order).
     Local paths must exist (FileNotFoundError names the missing one); an empty result raises
     ValueError.
     """
@@ -89,6 +90,7 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike] | None) 
         item = os.fspath(item)
         if _is_local(item) and os.path.isdir(item):
             found = sorted(glob.glob(os.path.join(glob.escape(item), "*.tar")))
+            found = found or sorted(glob.glob(os.path.join(glob.escape(item), "*", "*.tar")))
             if not found:
                 raise ValueError(f"no *.tar shards in directory {item!r}")
             urls += found

@@ -20,6 +20,7 @@ Batch (a dict; B = batch_size, every tensor on CPU until Lightning moves it):
 - ``text_emb`` (B, L, D) + ``text_mask`` bool (B, L) with ``use_text_embeddings`` (shorter
   embeddings are zero-padded to the batch's longest, mask False there)
 - ``latent`` (B, C, T', H', W') with ``use_latents``
+- ``kd_noise``, ``kd_states``, ``kd_t`` with ``use_kd`` (see its argument)
 - ``skipped`` int64 scalar: broken samples this worker skipped since its previous batch
 
 Training stream, per epoch ``e`` (exact; see `datamodules.shards` for the shard assignment):
@@ -337,6 +338,7 @@ class VideoDataModule(lightning.LightningDataModule):
         control_preset: str | None = None,
         use_text_embeddings: bool = False,
         use_latents: bool = False,
+        use_kd: bool = False,
         seed: int = 0,
         batches_per_epoch: int | None = None,
         resample: bool = False,
@@ -364,6 +366,11 @@ class VideoDataModule(lightning.LightningDataModule):
             use_text_embeddings: require ``text.safetensors`` and deliver ``text_emb``/``text_mask``.
             use_latents: deliver ``latent.safetensors`` (and ``control.<modality>`` from it as
                 ``control_latent``) instead of decoding the video.
+            use_kd: KD shards (``vidistill make-kd-data``): deliver ``kd.safetensors`` as
+                ``kd_noise`` (B, C, T', H', W'), and where present ``kd_states`` (B, K, C, T', H', W')
+                with their times ``kd_t`` (B, K), the teacher's clean latent as ``latent`` and the
+                exact control pixels as ``control``; clips start at frame 0 (the noise belongs to
+                the clip). Transfer1 KD shards (noise only) decode the teacher video as usual.
             seed: seeds shard order, clip starts and random control parameters.
             batches_per_epoch: batches per rank and epoch; None: floor(samples in the train
                 shards / (world_size * batch_size)), at least 1.
@@ -393,7 +400,7 @@ class VideoDataModule(lightning.LightningDataModule):
         self.batches_per_epoch = batches_per_epoch
         self.rank, self.world_size = rank, world_size
         self.loader = SampleLoader(num_frames, height, width, stride, target_fps, modality, control_preset,
-                                    use_text_embeddings, use_latents)  # fmt: skip
+                                    use_text_embeddings, use_latents, use_kd)  # fmt: skip
         self._rank, self._world = rank or 0, world_size or 1
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None

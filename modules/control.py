@@ -17,7 +17,7 @@ from trainers.stage import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, a
 
 from . import flow
 from .denoiser import Cond
-from .generator import Generator, SamplerConfig, to_uint8
+from .generator import SamplerConfig
 
 
 @dataclass
@@ -34,7 +34,7 @@ class TimeSpec:
     """Lower clamp: the velocity loss divides by t."""
 
 
-allow_in_checkpoints(TimeSpec, SamplerConfig)
+allow_in_checkpoints(TimeSpec)
 
 
 class ControlTraining(Stage):
@@ -131,24 +131,3 @@ class ControlTraining(Stage):
         # a fixed random stream per validation batch, different from every training step's
         loss = self.loss(batch, step=-1 - batch_idx, train=False)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-
-    # --- samples ----------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, batch: dict, seed: int = 0, sampler: SamplerConfig | None = None,
-                 use_control: bool = True) -> torch.Tensor:
-        """Videos (B, 3, T, H, W) uint8 for a batch's prompts and controls (sample-video callback,
-        evaluation). The unconditional branch of CFG is the null text the training dropped to."""
-        if self.tokenizer is None:
-            raise ValueError("sample videos need a tokenizer to decode (tokenizer.kind is none)")
-        sampler = sampler or self.sampler
-        x0 = self.latents(batch, "video")
-        text, mask = self.text(batch)
-        controls = {self.modality: self.latents(batch, "control")} if self.modality and use_control else {}
-        null, null_mask = self.drop_text(text, mask, torch.ones(len(text), dtype=torch.bool, device=text.device))
-        cond = Cond(text=text, text_mask=mask, neg_text=null, neg_text_mask=null_mask, controls=controls,
-                    fps=self.fps(batch))
-        g = torch.Generator(device=x0.device).manual_seed(seed + 7919 * self.global_rank)
-        noise = torch.randn(x0.shape, generator=g, device=x0.device)
-        latents = Generator(self.model).sample(cond, noise, sampler, generator=g)
-        return to_uint8(self.tokenizer.decode(latents))

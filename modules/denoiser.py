@@ -51,6 +51,11 @@ class Cond:
         return replace(self, text=self.neg_text, text_mask=self.neg_text_mask)
 
 
+def _frames_t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample (B,) or per-frame (B, T) times shaped to broadcast against x (B, C, T, H, W)."""
+    return (t.view(-1, 1, 1, 1, 1) if t.ndim == 1 else t[:, None, :, None, None]).to(x.dtype)
+
+
 def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full tensor into a parameter; a sharded (FSDP2) one takes only its own shard, cut
     locally (every rank drew the same numbers, so nothing needs to be sent)."""
@@ -66,8 +71,21 @@ class Denoiser(nn.Module):
         self.net = DiT(cfg.dit, device, dtype)
         self.controls = nn.ModuleDict({m: ControlBranch(cfg.dit, cfg.control, device, dtype) for m in cfg.modalities})
 
+    def output(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The network's raw output (v or x0, `cfg.prediction`) for inputs x at per-sample (B,)
+        or per-frame (B, T) time t."""
+        s, residuals = self._prepare(x, t, cond)
+        return self.net.head(self.net.run_blocks(s, residuals), s)
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The network's raw output v for inputs x at per-sample (B,) or per-frame (B, T) time t."""
+        """The velocity v = eps - x0 predicted for inputs x at time t (B,) or (B, T)."""
+        out = self.output(x, t, cond)
+        if self.cfg.prediction == "velocity":
+            return out
+        return (x - out) / _frames_t(t, x)
+
+    def _prepare(self, x: torch.Tensor, t: torch.Tensor, cond: Cond):
+        """Embedded inputs and the mixed control residuals per target block."""
         cond_mask = None
         if cond.cond_frames is not None:
             B, _, T, H, W = x.shape
@@ -84,7 +102,22 @@ class Denoiser(nn.Module):
             weights = [cond.control_weights.get(m, 1.0) for m in active]
             mixed = mix_residuals(outs, weights, s.grid)
             residuals = dict(zip(self.cfg.control.targets(), mixed))
-        return self.net.head(self.net.run_blocks(s, residuals), s)
+        return s, residuals
+
+    def _inputs(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Cond):
+        """(x_in, t_in, m, t): the network's input with conditioning frames put in clean at
+        `cond_frame_t`, m (B, 1, T, 1, 1) marking them (None without), and t as (B,)."""
+        B = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        t = t.expand(B) if t.ndim == 0 else t
+        if cond.cond_frames is None:
+            return x_t, t, None, t
+        if cond.cond_latents is None:
+            raise ValueError("cond_frames given without cond_latents")
+        frames = cond.cond_frames.float()
+        m = frames.to(x_t.dtype)[:, None, :, None, None]
+        x_in = m * cond.cond_latents.to(x_t.dtype) + (1 - m) * x_t
+        return x_in, frames * self.cfg.cond_frame_t + (1 - frames) * t[:, None], m, t
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Cond) -> torch.Tensor:
         """x0 prediction for x_t = (1 - t) x0 + t eps at per-sample time t (B,) or scalar.
@@ -92,20 +125,21 @@ class Denoiser(nn.Module):
         Conditioning frames enter the network clean, at time `cond_frame_t`, and their x0 is
         returned as given; elsewhere x0 = x_t - t v (rectified flow).
         """
-        B = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
-        t = t.expand(B) if t.ndim == 0 else t
-        if cond.cond_frames is None:
-            v = self.velocity(x_t, t, cond)
-            return x_t - t.view(B, 1, 1, 1, 1).to(x_t.dtype) * v
-        if cond.cond_latents is None:
-            raise ValueError("cond_frames given without cond_latents")
-        frames = cond.cond_frames.float()
-        m = frames.to(x_t.dtype)[:, None, :, None, None]
-        x_in = m * cond.cond_latents.to(x_t.dtype) + (1 - m) * x_t
-        t_frames = frames * self.cfg.cond_frame_t + (1 - frames) * t[:, None]
-        v = self.velocity(x_in, t_frames, cond)
-        return m * x_in + (1 - m) * (x_t - t.view(B, 1, 1, 1, 1).to(x_t.dtype) * v)
+        x_in, t_in, m, t = self._inputs(x_t, t, cond)
+        out = self.output(x_in, t_in, cond)
+        x0 = out if self.cfg.prediction == "x0" else x_t - t.view(-1, 1, 1, 1, 1).to(x_t.dtype) * out
+        return x0 if m is None else m * x_in + (1 - m) * x0
+
+    def features(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Cond,
+                 taps: tuple[int, ...]) -> list[torch.Tensor]:
+        """The trunk's token features (B, N, dim) after each block in `taps` (after control
+        injection, in block order), from the same inputs `denoise` builds; the blocks after the
+        last tap are not run. What a GAN head on this network reads (DMD2's discriminator)."""
+        if not taps:
+            raise ValueError("features needs at least one block index in taps")
+        x_in, t_in, _, _ = self._inputs(x_t, t, cond)
+        s, residuals = self._prepare(x_in, t_in, cond)
+        return self.net.run_blocks(s, residuals, taps=tuple(taps))[1]
 
     forward = denoise
 

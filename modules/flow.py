@@ -258,8 +258,14 @@ def _steps(n: int, progress: bool) -> Iterable[int]:
     return tqdm(range(n), desc="sampling", leave=False)
 
 
+# on_state(t, x): called with the sampler's state x at each grid time t, the start and the end
+# included (KD data records the teacher trajectory at the student's times through it).
+OnState = Callable[[float, Tensor], None]
+
+
 def sample_euler(
-    denoise: Denoise, noise: Tensor, ts: Tensor | Sequence[float], progress: bool = False
+    denoise: Denoise, noise: Tensor, ts: Tensor | Sequence[float], progress: bool = False,
+    on_state: OnState | None = None,
 ) -> Tensor:
     """First-order solver of the flow ODE dx/dt = v(x, t) on the grid `ts` (decreasing, starting
     with `noise` as the state at ts[0]):
@@ -274,11 +280,15 @@ def sample_euler(
     x = noise
     for i in _steps(len(grid) - 1, progress):
         t, t_next = grid[i], grid[i + 1]
+        if on_state is not None:
+            on_state(t, x)
         x0 = denoise(x, _t_batch(t, x))
         if t_next == 0.0:
             x = _like(x0, noise)
         else:
             x = _like(x + (t_next - t) * velocity_from_x0(x, x0, t), noise)
+    if on_state is not None:
+        on_state(grid[-1], x)
     return x
 
 
@@ -292,7 +302,8 @@ def _lam(t: float) -> float:
 
 
 def sample_dpmpp_2m(
-    denoise: Denoise, noise: Tensor, ts: Tensor | Sequence[float], progress: bool = False
+    denoise: Denoise, noise: Tensor, ts: Tensor | Sequence[float], progress: bool = False,
+    on_state: OnState | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M), data-prediction multistep second order (Lu et al. 2022,
     arXiv:2211.01095, Algorithm 2), for alpha_t = 1 - t, sigma_t = t, lambda_t = log(alpha/sigma).
@@ -318,6 +329,8 @@ def sample_dpmpp_2m(
     prev_x0: Tensor | None = None
     for i in _steps(len(grid) - 1, progress):
         t, t_next = grid[i], grid[i + 1]
+        if on_state is not None:
+            on_state(t, x)
         x0 = denoise(x, _t_batch(t, x))
         if t_next == 0.0:
             x = _like(x0, noise)
@@ -330,6 +343,8 @@ def sample_dpmpp_2m(
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
         x = _like((t_next / t) * x + (1 - t_next / t) * d, noise)
         prev_x0 = x0
+    if on_state is not None:
+        on_state(grid[-1], x)
     return x
 
 

@@ -63,16 +63,21 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: Cond, noise: torch.Tensor, cfg: SamplerConfig = SamplerConfig(),
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """Latents x0 from `noise` (the state at t = 1) under `cond`."""
+               generator: torch.Generator | None = None, progress: bool = False,
+               through: tuple[float, ...] = (), on_state: flow.OnState | None = None) -> torch.Tensor:
+        """Latents x0 from `noise` (the state at t = 1) under `cond`.
+
+        Teacher samplers: `through` (real times) makes the grid pass exactly through them
+        (`flow.schedule_through`, KD data at the student's t-list) and `on_state(t, x)` sees the
+        state at every grid time."""
         if cfg.sampler == "student":
             t_list = flow.student_t_list(cfg.t_list, cfg.shift)
             return flow.sample_student(guided(self.denoiser, cond, 0.0), noise, t_list, generator, cfg.renoise)
         samplers = {"euler": flow.sample_euler, "dpmpp_2m": flow.sample_dpmpp_2m}
         if cfg.sampler not in samplers:
             raise ValueError(f"unknown sampler {cfg.sampler!r}; choose euler, dpmpp_2m or student")
-        ts = flow.schedule(cfg.steps, cfg.shift)
-        return samplers[cfg.sampler](guided(self.denoiser, cond, cfg.guidance), noise, ts, progress)
+        ts = flow.schedule_through(cfg.steps, through, cfg.shift) if through else flow.schedule(cfg.steps, cfg.shift)
+        return samplers[cfg.sampler](guided(self.denoiser, cond, cfg.guidance), noise, ts, progress, on_state)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,14 @@ from tools.cli import main
 RECIPES = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
 
 
+# recipes of a tool rather than of a training stage: the subcommand that reads them
+TOOLS = {"kd_data.yaml": "make-kd-data"}
+
+
 def printed(capsys, config: str) -> str:
+    command = TOOLS.get(Path(config).name, "fit")
     with pytest.raises(SystemExit) as end:
-        main(["fit", "--config", config, "--print_config"])
+        main([command, "--config", config, "--print_config"])
     assert end.value.code in (0, None)
     return capsys.readouterr().out
 
@@ -19,8 +24,8 @@ def printed(capsys, config: str) -> str:
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(Path(p).relative_to(Path(p).parents[2])))
 def test_print_config_round_trips(recipe, tmp_path, capsys):
     first = printed(capsys, recipe)
-    assert "class_path: modules." in first
-    again = tmp_path / "printed.yaml"
+    assert "class_path: modules." in first or Path(recipe).name in TOOLS
+    again = tmp_path / Path(recipe).name
     again.write_text(first)
     assert printed(capsys, str(again)) == first
 

@@ -146,6 +146,29 @@ def test_synthetic_clip_matches_caption():
             assert (np.abs(pixels - SHAPE_COLOURS[c]).max(axis=1) < 8).sum() > 10, (seed, c, caption)
 
 
+def test_plain_floors_leave_only_shape_outlines():
+    from datamodules.controls import edge
+    from datamodules.synthetic import FLOOR_COLOURS
+
+    for seed in range(6):
+        frames, caption = synthetic_clip(random.Random(seed), 4, 48, 64, floors=("plain",))
+        floor = [n for n in FLOOR_COLOURS if f" {n} floor" in caption]
+        assert len(floor) == 1 and not any(p in caption for p in ("striped", "checkered", "dotted", "gradient"))
+        # every pixel is the floor colour or part of a shape (its colour, or antialiased outline)
+        is_floor = (frames.astype(int) == FLOOR_COLOURS[floor[0]]).all(-1)
+        edges = edge(frames, "medium")[..., 0] > 0
+        assert is_floor.mean() > 0.4 and not (edges & is_floor & _interior(is_floor)).any()
+    with pytest.raises(ValueError, match="floors"):
+        synthetic_clip(random.Random(0), 4, 48, 64, floors=("wavy",))
+
+
+def _interior(mask: np.ndarray) -> np.ndarray:
+    """Pixels whose whole 5x5 neighbourhood is in `mask` (per frame): no edge can be there."""
+    import cv2
+    k = np.ones((5, 5), np.uint8)
+    return np.stack([cv2.erode(m.astype(np.uint8), k) for m in mask]).astype(bool)
+
+
 def test_synthetic_shards_deterministic_with_edges(tmp_path):
     kw = dict(num_samples=3, samples_per_shard=2, num_frames=T, height=H, width=W, progress=False)
     a = write_synthetic_shards(str(tmp_path / "a"), seed=3, **kw)

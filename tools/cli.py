@@ -17,6 +17,9 @@ COMMANDS = {
     "bench": "tools.bench:bench",
     "make-shards": "tools.make_shards:make_shards",
     "encode-text": "tools.encode_text:encode_text",
+    "consolidate": "tools.consolidate:consolidate",
+    "combine": "tools.combine:combine",
+    "make-kd-data": "tools.make_kd_data:make_kd_data",
 }
 
 

@@ -260,6 +260,7 @@ def make_shards(
     width: int = 96,
     fps: float = 24.0,
     controls: str = "edge",
+    floors: str = "textured",
     latent_shape: str = "16x24x88x160",
     text_shape: str = "512x1024",
     seed: int = 0,
@@ -300,6 +301,9 @@ def make_shards(
         fps: synthetic: frame rate written to the videos and json.
         controls: synthetic: comma-separated control modalities (video: computed ones, edge
             and/or blur; latent: names of the ``control.<m>`` latents); "" for none.
+        floors: synthetic video: ``textured`` (striped, checkered, dotted, gradient), ``plain``
+            (one flat colour: the shapes' outlines are the only edges; the quickstart's), or a
+            comma-separated mix of those pattern names.
         latent_shape: synthetic latent: ``CxTxHxW`` of each latent (default: Wan2.1 latents
             of a 720p 93-frame clip).
         text_shape: synthetic latent: ``LxD`` of the text embedding (the 2b preset's text
@@ -316,10 +320,13 @@ def make_shards(
             raise ValueError("--synthetic makes its own data: give no src and no --transfer1_kd")
         from datamodules.synthetic import write_latent_shards, write_synthetic_shards
 
+        from datamodules.synthetic import PATTERNS
+
         mods = tuple(m.strip() for m in controls.split(",") if m.strip())
         if synthetic == "video":
+            pats = PATTERNS if floors == "textured" else tuple(f.strip() for f in floors.split(",") if f.strip())
             paths = write_synthetic_shards(out, num_samples, samples_per_shard, num_frames, height, width, fps, seed,
-                                           mods, progress, prefix=prefix, resume=resume)  # fmt: skip
+                                           mods, progress, prefix=prefix, resume=resume, floors=pats)  # fmt: skip
         elif synthetic == "latent":
             shape = _parse_shape(latent_shape, 4, "latent_shape")
             text = _parse_shape(text_shape, 2, "text_shape")

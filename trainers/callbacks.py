@@ -180,7 +180,7 @@ class Throughput(L.Callback):
         tokens = getattr(module, "tokens_per_sample", lambda b: None)(batch)
         if tokens:
             stats["perf/tokens_per_s"] = rate * tokens
-            cfg = module.model.cfg
+            cfg = module.trained_model().cfg
             flops = forward_flops(cfg.dit.dim, tokens, cfg.dit.depth + cfg.control.blocks * len(cfg.modalities))
             if torch.cuda.is_available():
                 stats["perf/mfu"] = 3 * flops * rate / trainer.world_size / self.peak

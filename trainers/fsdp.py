@@ -67,8 +67,16 @@ def shard_model(model: Denoiser, mesh: DeviceMesh | None, cfg: ShardingConfig) -
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    # stages call model.denoise / model.velocity, not only model(...): both must gather the root's
-    # parameters the way forward does
-    for method in ("denoise", "velocity"):
+    # stages call model.denoise / model.velocity / model.features, not only model(...):
+    # each must gather the root's parameters the way forward does
+    for method in ("denoise", "velocity", "features"):
         register_fsdp_forward_method(model, method)
     return model
+
+
+def shard_head(module: torch.nn.Module, mesh: DeviceMesh | None, cfg: ShardingConfig) -> torch.nn.Module:
+    """A small network without blocks (the GAN head): one FSDP2 unit, same precision policy."""
+    if mesh is not None:
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+    return module

@@ -14,8 +14,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from modules.denoiser import Denoiser
-from modules.generator import to_unit
+from modules.denoiser import Cond, Denoiser
+from modules.generator import Generator, SamplerConfig, to_uint8, to_unit
 from modules.nets import NetConfig, preset
 from modules.text import TextEncoder
 from modules.tokenizer import build_tokenizer
@@ -33,7 +33,8 @@ class NetSpec:
     init_from: str | None = None
     """Directory written by import-weights / export / consolidate; its config wins over `preset`."""
     overrides: dict = field(default_factory=dict)
-    """DiTConfig fields to override on the preset, e.g. {text_proj_in: null}."""
+    """Fields to override on the preset: DiTConfig's (e.g. {dim: 128, text_proj_in: null}) and
+    NetConfig's cond_frame_t, use_text_mask, prediction."""
 
 
 @dataclass
@@ -76,7 +77,7 @@ def allow_in_checkpoints(*classes: type) -> None:
     torch.serialization.add_safe_globals(list(classes))
 
 
-allow_in_checkpoints(NetSpec, TokenizerSpec, TextSpec, OptimSpec, ShardingConfig)
+allow_in_checkpoints(NetSpec, TokenizerSpec, TextSpec, OptimSpec, ShardingConfig, SamplerConfig)
 
 
 def lr_lambda(spec: OptimSpec):
@@ -189,6 +190,18 @@ class Stage(L.LightningModule):
         """The network this stage trains (the one EMA tracks and export writes)."""
         return self.model
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep each network's NetConfig and the name of the network the EMA shadows next to the
+        hyperparameters (meta.pt of a sharded checkpoint): `vidistill consolidate` then needs no
+        tokenizer, text encoder or still-existing `init_from`, and never guesses between networks."""
+        from modules.nets.gan import GANHead
+
+        nets = {name: module.cfg.to_dict() for name, module in self.named_children() if isinstance(module, Denoiser)}
+        checkpoint["net_configs"] = nets
+        checkpoint["head_configs"] = {name: m.cfg.to_dict() for name, m in self.named_children() if isinstance(m, GANHead)}
+        if self.ema is not None:
+            checkpoint["ema_of"] = next(n for n, m in self.named_children() if m is self.trained_model())
+
     def on_train_end(self) -> None:
         if self.export_to:
             self.export(self.trained_model(), self.export_to)
@@ -241,6 +254,28 @@ class Stage(L.LightningModule):
     def fps(batch: dict) -> float | None:
         """One fps per batch (RoPE is per batch); the datamodule delivers clips at one rate."""
         return float(batch["fps"][0]) if "fps" in batch else None
+
+    # --- samples ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, batch: dict, seed: int = 0, sampler: SamplerConfig | None = None,
+                 use_control: bool = True) -> torch.Tensor:
+        """Videos (B, 3, T, H, W) uint8 of the trained network for a batch's prompts and controls
+        (sample-video callback, evaluation), sampled with `sampler` (default the stage's
+        `self.sampler`). The unconditional branch of CFG is the null text training dropped to."""
+        if self.tokenizer is None:
+            raise ValueError("sample videos need a tokenizer to decode (tokenizer.kind is none)")
+        sampler = sampler or self.sampler
+        x0 = self.latents(batch, "video")
+        text, mask = self.text(batch)
+        controls = {self.modality: self.latents(batch, "control")} if self.modality and use_control else {}
+        null, null_mask = self.drop_text(text, mask, torch.ones(len(text), dtype=torch.bool, device=text.device))
+        cond = Cond(text=text, text_mask=mask, neg_text=null, neg_text_mask=null_mask, controls=controls,
+                    fps=self.fps(batch))
+        g = torch.Generator(device=x0.device).manual_seed(seed + 7919 * self.global_rank)
+        noise = torch.randn(x0.shape, generator=g, device=x0.device)
+        latents = Generator(self.trained_model()).sample(cond, noise, sampler, generator=g)
+        return to_uint8(self.tokenizer.decode(latents))
 
     # --- optimisation ---------------------------------------------------------------------------
 

@@ -348,14 +348,21 @@ class DiT(nn.Module):
         rope = rope_tables(self.cfg, grid, fps, x.device)
         return State(tokens, emb, lora, rope, text, text_mask, masks, grid)
 
-    def run_blocks(self, s: State, residuals: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """The trunk; residuals[i] is added to the output of block i (control injection)."""
-        h = s.x
+    def run_blocks(self, s: State, residuals: dict[int, torch.Tensor] | None = None, taps=None):
+        """The trunk; residuals[i] is added to the output of block i (control injection).
+
+        With `taps` (block indices) it returns (h, [h after each tapped block]) instead of h and
+        stops after the last tapped block (h is then that block's output)."""
+        h, feats = s.x, []
         for i, block in enumerate(self.blocks):
             h = block(h, s)
             if residuals and i in residuals:
                 h = h + residuals[i]
-        return h
+            if taps and i in taps:
+                feats.append(h)
+                if len(feats) == len(set(taps)):
+                    break
+        return h if taps is None else (h, feats)
 
     def head(self, h: torch.Tensor, s: State) -> torch.Tensor:
         shift, scale = self.final_mod(s.emb, s.lora)

@@ -23,6 +23,16 @@ class NetConfig:
     use_text_mask: bool = True
     """Cross-attend only to real text tokens. Cosmos attends to all (zero- or pad-filled) positions,
     so imported Cosmos weights set this False."""
+    prediction: str = "velocity"
+    """What the DiT outputs: velocity (Cosmos; imported weights) or x0, the clean latent itself.
+    x0 suits narrow networks on wide tokens (the CPU quickstart's pixel patches): a velocity
+    output must reproduce the input noise through the whole trunk, an x0 output only the low-
+    dimensional data (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise").
+    Losses and samplers are unchanged: they work in x0 / velocity space through `denoise`."""
+
+    def __post_init__(self) -> None:
+        if self.prediction not in ("velocity", "x0"):
+            raise ValueError(f"prediction must be velocity or x0, got {self.prediction!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetConfig":
@@ -32,6 +42,7 @@ class NetConfig:
             modalities=list(d.get("modalities", ["edge"])),
             cond_frame_t=d.get("cond_frame_t", 0.1),
             use_text_mask=d.get("use_text_mask", True),
+            prediction=d.get("prediction", "velocity"),
         )
 
     def to_dict(self) -> dict:
@@ -58,10 +69,17 @@ PRESETS: dict[str, NetConfig] = {
 }
 
 
-def preset(name: str, **dit_overrides) -> NetConfig:
-    """A copy of a preset, with DiTConfig fields overridden (e.g. latent_channels to fit a tokenizer)."""
+_NET_FIELDS = ("cond_frame_t", "use_text_mask", "prediction")
+
+
+def preset(name: str, **overrides) -> NetConfig:
+    """A copy of a preset with fields overridden: NetConfig's own scalars (cond_frame_t,
+    use_text_mask, prediction) by name, everything else a DiTConfig field (e.g. latent_channels
+    to fit a tokenizer)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    cfg = NetConfig.from_dict(PRESETS[name].to_dict())
-    cfg.dit = dataclasses.replace(cfg.dit, **dit_overrides)
+    d = PRESETS[name].to_dict()
+    d.update({k: overrides.pop(k) for k in _NET_FIELDS if k in overrides})
+    cfg = NetConfig.from_dict(d)
+    cfg.dit = dataclasses.replace(cfg.dit, **overrides)
     return cfg

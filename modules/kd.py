@@ -1,0 +1,113 @@
+"""KDWarmup: the student learns to jump from the teacher's trajectory straight to its end.
+
+The student starts as a copy of the teacher (base + control branch). From KD shards
+(`vidistill make-kd-data`) it regresses the teacher's clean latent x0 from a saved state: for a
+1-step student from the pure noise at t = 1, for a multi-step student from the teacher's state at
+a t_k of its t-list drawn per sample (Cosmos-Transfer1's KD warmup; DMD2 then refines it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from trainers.fsdp import ShardingConfig
+from trainers.stage import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, sample_generator
+
+from . import flow
+from .denoiser import Cond
+from .distill import kd_loss
+from .generator import SamplerConfig
+
+
+class KDWarmup(Stage):
+    def __init__(
+        self,
+        student: NetSpec,
+        modality: str | None = "edge",
+        t_list: tuple[float, ...] = flow.STUDENT_T_LIST,
+        t_shift: float = 5.0,
+        trainable: str = "all",
+        tokenizer: TokenizerSpec = TokenizerSpec(),
+        text: TextSpec = TextSpec(),
+        optim: OptimSpec = OptimSpec(lr=1e-5),
+        sharding: ShardingConfig = ShardingConfig(),
+        sampler: SamplerConfig = SamplerConfig(sampler="student"),
+        ema_decay: float | None = None,
+        export_to: str | None = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            student: the network to start from: the teacher's directory in `init_from`.
+            modality: the control branch the student keeps (the teacher's); none for a base.
+            t_list: the student's times before `t_shift`; one entry is a 1-step student. Must
+                be the t-list the KD data was made for (checked against each batch).
+            t_shift: shift of the t-list.
+            trainable: all (base + control) or control (the control branch only).
+            tokenizer: decodes sample videos (KD batches carry latents).
+            text: text encoder (KD batches carry the teacher's embeddings).
+            optim: AdamW and its schedule.
+            sharding: FSDP2 mixed precision and activation checkpointing.
+            sampler: how validation sample videos are generated (the student's t-list).
+            ema_decay: keep an EMA of the student (e.g. 0.999); none: off.
+            export_to: where the student (its EMA if kept) is written at the end of fit.
+            seed: per-sample draws of the training state.
+        """
+        super().__init__(tokenizer, text, optim, sharding, seed, ema_decay, export_to)
+        if trainable not in ("all", "control"):
+            raise ValueError(f"trainable must be all or control, got {trainable!r}")
+        if not t_list:
+            raise ValueError("t_list needs at least one time")
+        self.save_hyperparameters()
+        self.student_spec, self.modality, self.trainable = student, modality, trainable
+        self.times = flow.student_t_list(t_list, t_shift)
+        # validation samples run the student on its own t-list
+        self.sampler = replace(sampler, t_list=tuple(t_list), shift=t_shift) if sampler.sampler == "student" else sampler
+        self.model = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self.build_denoiser(self.student_spec, [self.modality] if self.modality else [], self.trainable)
+        self.track_ema(self.model)
+
+    def inputs(self, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's input state and its time per sample: pure noise at t = 1 for a 1-step
+        student, else the teacher's saved state at a t_k drawn from each sample's own stream."""
+        noise = batch["kd_noise"].float()
+        B = len(noise)
+        if len(self.times) == 1:
+            if self.times[0] != 1.0:
+                raise ValueError(f"a 1-step student starts from noise at t = 1, not {self.times[0]}")
+            return noise, noise.new_ones(B)
+        if "kd_states" not in batch:
+            raise ValueError("a multi-step student needs KD data with teacher states (make-kd-data); "
+                             "these shards hold the noise only")
+        t_all = batch["kd_t"].float()
+        if t_all.shape[1] != len(self.times) or not torch.allclose(t_all[0].cpu(), torch.tensor(self.times), atol=1e-5):
+            raise ValueError(f"the KD data holds states at t = {t_all[0].tolist()}, the student's t-list is "
+                             f"{list(self.times)}: remake the data or fix t_list / t_shift")
+        ks = [int(torch.randint(len(self.times), (1,), generator=sample_generator(
+            self.seed, step, self.sample_index(i, B), noise.device), device=noise.device)) for i in range(B)]  # fmt: skip
+        idx = torch.arange(B, device=noise.device)
+        k = torch.tensor(ks, device=noise.device)
+        return batch["kd_states"].float()[idx, k], t_all[idx, k]
+
+    def loss(self, batch: dict, step: int) -> torch.Tensor:
+        """0.5 * MSE(student x0 from the saved state, teacher x0), averaged over the batch."""
+        x_t, t = self.inputs(batch, step)
+        text, mask = self.text(batch)
+        controls = {self.modality: self.latents(batch, "control")} if self.modality else {}
+        cond = Cond(text=text, text_mask=mask, controls=controls, fps=self.fps(batch))
+        x0 = self.model.denoise(x_t, t, cond)
+        return kd_loss(x0, batch["latent"].float()).mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch, self.global_step)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val/loss", self.loss(batch, step=-1 - batch_idx), prog_bar=True, sync_dist=True)
