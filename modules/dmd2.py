@@ -149,9 +149,8 @@ class DMD2(Stage):
             cfg = GANHeadConfig(dim=dim, taps=sorted(set(self.gan.taps)), hidden=self.gan.hidden)
             with torch.device("meta"):
                 head = GANHead(cfg)
-            mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-            shard_head(head, mesh, self.sharding)
-            head.to_empty(device=self.trainer.strategy.root_device if self._trainer else torch.device("cpu"))
+            shard_head(head, self.mesh(), self.sharding)
+            head.to_empty(device=self.build_device())
             self.gan_head = head.init_weights(self.seed + 1)
         self.track_ema(self.student)
 
@@ -176,7 +175,7 @@ class DMD2(Stage):
     def negative(self, text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's unconditional text: the negative prompt, or the null text."""
         if self.negative_prompt is None:
-            return self.drop_text(text, mask, torch.ones(len(text), dtype=torch.bool, device=text.device))
+            return self.null_text(text, mask)
         if self._neg is None:
             if self.text_encoder is None:
                 raise ValueError("negative_prompt needs a text encoder (text.encoder is none)")

@@ -285,6 +285,16 @@ class TextEncoder(nn.Module):
         return self.encode(prompts)
 
 
+def build_text_encoder(name: str, max_length: int) -> TextEncoder | None:
+    """`tiny` (the seeded default), `none` (callers bring precomputed embeddings) or a local
+    transformers directory: the one reading of a recipe's text-encoder setting."""
+    if name == "none":
+        return None
+    if name == "tiny":
+        return TextEncoder.tiny(max_length=max_length)
+    return TextEncoder.from_pretrained(name, max_length=max_length)
+
+
 def iter_encode(
     encoder: TextEncoder, prompts: Sequence[str], batch_size: int = 16, progress: bool = True
 ) -> Iterator[tuple[Tensor, Tensor]]:

@@ -112,7 +112,7 @@ def test_dmd2_resume_gives_the_same_losses(tmp_path):
     trainer(3, [first, ckpt], enable_checkpointing=True).fit(dmd2(tmp_path / "b"), loader(3, 2))
     path = next((tmp_path / "ckpt").glob("*step=3*"))
     rest = Watch()
-    trainer(5, [rest], enable_checkpointing=True).fit(dmd2(tmp_path / "b"), loader(3, 2), ckpt_path=path)
+    trainer(5, [rest], default_root_dir=tmp_path).fit(dmd2(tmp_path / "b"), loader(3, 2), ckpt_path=path)
     assert full.losses[:3] == first.losses
     torch.testing.assert_close(torch.tensor(rest.losses), torch.tensor(full.losses[3:]), atol=1e-6, rtol=0)
 

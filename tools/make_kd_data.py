@@ -23,7 +23,6 @@ datamodule reads either layout from ``OUT``.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
@@ -114,7 +113,7 @@ def make_kd_data(
     from modules import flow
     from modules.denoiser import Cond, Denoiser
     from modules.generator import Generator, SamplerConfig, to_uint8, to_unit
-    from modules.text import TextEncoder
+    from modules.text import build_text_encoder
     from modules.tokenizer import build_tokenizer
 
     if store_dtype not in _DTYPES:
@@ -134,11 +133,7 @@ def make_kd_data(
     if tok.latent_channels != net.cfg.dit.latent_channels:
         raise ValueError(f"{teacher} takes {net.cfg.dit.latent_channels}-channel latents, the tokenizer gives "
                          f"{tok.latent_channels}")
-    encoder = None
-    if text_encoder == "tiny":
-        encoder = TextEncoder.tiny(max_length=max_length)
-    elif text_encoder != "none":
-        encoder = TextEncoder.from_pretrained(text_encoder, max_length=max_length)
+    encoder = build_text_encoder(text_encoder, max_length)
     cfg = SamplerConfig(sampler=sampler, steps=steps, guidance=guidance, shift=shift)
     times = flow.student_t_list(t_list, t_shift)
     loader = SampleLoader(num_frames, height, width, 1, None, modality, "medium", encoder is None, False)
@@ -150,7 +145,8 @@ def make_kd_data(
     if not mine:
         raise ValueError(f"rank {rank} of {world} has no samples (the source holds {len(keys)})")
     target = Path(out) / f"rank{rank:03d}" if world > 1 else Path(out)
-    wanted, raws = set(mine), _raw_stream(urls, iter_tar_samples)
+    # raw samples in shard order, consumed lazily as the plan (in the same order) asks for keys
+    raws = (raw for url in urls for raw in iter_tar_samples(url))
     done: dict[str, list] = {}
 
     def run(batch_keys: list[str]) -> None:
@@ -164,7 +160,6 @@ def make_kd_data(
         if not samples:
             return
         batch = collate(samples)
-        video = batch["video"].to(dev)
         if encoder is not None:
             text, mask = encoder.encode(batch["caption"])
         else:
@@ -213,12 +208,6 @@ def make_kd_data(
                          info={"source": "teacher samples", "rank": rank, "world": world},
                          created_by="vidistill make-kd-data")  # fmt: skip
     print(f"wrote {len(paths)} KD shards ({len(mine)} planned samples) to {target}")
-
-
-def _raw_stream(urls: list[str], iter_tar_samples):
-    """Raw samples of every shard in order; consumed lazily as the plan asks for keys."""
-    for url in urls:
-        yield from iter_tar_samples(url)
 
 
 def _members(sample, batch, i, noise, states, times, x0, decoded, text, mask, modality, dtype, encode_video,

@@ -40,6 +40,10 @@ class ShardingConfig:
             raise ValueError("sharding.checkpointing must be none, full or selective")
 
 
+def mp_policy(cfg: ShardingConfig) -> MixedPrecisionPolicy:
+    return MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+
+
 def set_checkpointing(model: Denoiser, mode: str) -> None:
     """Switch activation checkpointing on every block of the trunk and the control branches."""
     flag = {"none": False, "full": True, "selective": "selective"}[mode]
@@ -62,7 +66,7 @@ def shard_model(model: Denoiser, mesh: DeviceMesh | None, cfg: ShardingConfig) -
     set_checkpointing(model, cfg.checkpointing)
     if mesh is None:
         return model
-    mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+    mp = mp_policy(cfg)
     blocks = blocks_in_order(model)
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
@@ -77,6 +81,5 @@ def shard_model(model: Denoiser, mesh: DeviceMesh | None, cfg: ShardingConfig) -
 def shard_head(module: torch.nn.Module, mesh: DeviceMesh | None, cfg: ShardingConfig) -> torch.nn.Module:
     """A small network without blocks (the GAN head): one FSDP2 unit, same precision policy."""
     if mesh is not None:
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
-        fully_shard(module, mesh=mesh, mp_policy=mp)
+        fully_shard(module, mesh=mesh, mp_policy=mp_policy(cfg))
     return module

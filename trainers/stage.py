@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from modules.denoiser import Cond, Denoiser
 from modules.generator import Generator, SamplerConfig, to_uint8, to_unit
 from modules.nets import NetConfig, preset
-from modules.text import TextEncoder
+from modules.text import build_text_encoder
 from modules.tokenizer import build_tokenizer
 
 from .callbacks import EMAWeights
@@ -113,11 +113,7 @@ class Stage(L.LightningModule):
         self.ema: EMAWeights | None = None
         self.tokenizer = None if tokenizer.kind == "none" else build_tokenizer(tokenizer.kind, tokenizer.path,
                                                                                    **tokenizer.options)
-        self.text_encoder = None
-        if text.encoder == "tiny":
-            self.text_encoder = TextEncoder.tiny(max_length=text.max_length)
-        elif text.encoder != "none":
-            self.text_encoder = TextEncoder.from_pretrained(text.encoder, max_length=text.max_length)
+        self.text_encoder = build_text_encoder(text.encoder, text.max_length)
 
     # --- networks -----------------------------------------------------------------------------
 
@@ -149,6 +145,14 @@ class Stage(L.LightningModule):
             raise ValueError(f"{source} reads {width}-wide text embeddings but the text encoder gives "
                              f"{self.text_encoder.out_dim}")
 
+    def mesh(self):
+        """The data-parallel mesh networks are sharded over (None without a process group)."""
+        return self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+
+    def build_device(self) -> torch.device:
+        """Where networks built on the meta device are materialised."""
+        return self.trainer.strategy.root_device if self._trainer else torch.device("cpu")
+
     def build_denoiser(self, spec: NetSpec, modalities: list[str], trainable: str | None) -> Denoiser:
         """Meta build -> freeze -> shard -> materialise -> seeded init -> load `init_from`.
 
@@ -166,9 +170,8 @@ class Stage(L.LightningModule):
             model.requires_grad_(True)
         elif trainable is not None:
             raise ValueError(f"trainable must be control or all, got {trainable!r}")
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        shard_model(model, mesh, self.sharding)
-        model.to_empty(device=self.trainer.strategy.root_device if self._trainer else torch.device("cpu"))
+        shard_model(model, self.mesh(), self.sharding)
+        model.to_empty(device=self.build_device())
         model.init_weights(self.seed)
         if spec.init_from:
             load_weights(model, spec.init_from)
@@ -233,6 +236,10 @@ class Stage(L.LightningModule):
         world = self._trainer.world_size if self._trainer is not None else 1
         return (micro * world + self.global_rank) * batch_size + i
 
+    def null_text(self, text: torch.Tensor, mask: torch.Tensor):
+        """The null text of the whole batch: CFG's unconditional branch as training dropped to it."""
+        return self.drop_text(text, mask, torch.ones(len(text), dtype=torch.bool, device=text.device))
+
     def drop_text(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
         """Null text (zeros, all positions visible: cross-attention then adds exactly 0) where drop."""
         keep = (~drop).view(-1, 1, 1).to(text.dtype)
@@ -269,7 +276,7 @@ class Stage(L.LightningModule):
         x0 = self.latents(batch, "video")
         text, mask = self.text(batch)
         controls = {self.modality: self.latents(batch, "control")} if self.modality and use_control else {}
-        null, null_mask = self.drop_text(text, mask, torch.ones(len(text), dtype=torch.bool, device=text.device))
+        null, null_mask = self.null_text(text, mask)
         cond = Cond(text=text, text_mask=mask, neg_text=null, neg_text_mask=null_mask, controls=controls,
                     fps=self.fps(batch))
         g = torch.Generator(device=x0.device).manual_seed(seed + 7919 * self.global_rank)
