@@ -50,8 +50,13 @@ __all__ = [
 
 # codec name -> (file suffix, fourcc). "VP90" and "vp09" both open a VP9 writer in the
 # OpenCV 5 wheels; FFmpeg warns that the tag is not a WebM tag and writes the standard one.
-CODECS: dict[str, tuple[str, str]] = {"mp4v": (".mp4", "mp4v"), "vp9": (".webm", "VP90")}
-_SUFFIX_CODECS = {suffix: name for name, (suffix, _) in CODECS.items()}
+# mp4v plays almost everywhere but not in browsers; VP9 WebM plays in browsers; FFV1 (.mkv) is
+# lossless, for evaluating generated videos exactly (metrics on tiny clips are codec-sensitive)
+# VP8 WebM plays in browsers too and encodes ~6x faster than VP9 (OpenCV exposes no VP9 speed
+# setting): what inference writes long videos with
+CODECS: dict[str, tuple[str, str]] = {"mp4v": (".mp4", "mp4v"), "vp9": (".webm", "VP90"), "ffv1": (".mkv", "FFV1"),
+                                      "vp8": (".webm", "VP80")}
+_SUFFIX_CODECS = {".mp4": "mp4v", ".webm": "vp9", ".mkv": "ffv1"}
 
 
 class VideoDecodeError(ValueError):
@@ -305,7 +310,7 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) 
 
 
 def encode_video(frames: np.ndarray, fps: float, codec: str = "mp4v") -> bytes:
-    """Encode ``(T, H, W, 3)`` uint8 RGB frames to the bytes of an .mp4 ("mp4v") or .webm ("vp9")."""
+    """Encode ``(T, H, W, 3)`` uint8 RGB frames to the bytes of an .mp4 ("mp4v"), .webm ("vp9") or .mkv ("ffv1")."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose from {sorted(CODECS)}")
     suffix, _ = CODECS[codec]
@@ -318,13 +323,16 @@ def encode_video(frames: np.ndarray, fps: float, codec: str = "mp4v") -> bytes:
         os.remove(path)
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, codec: str | None = None) -> None:
     """Write ``(T, H, W, 3)`` uint8 RGB frames to `path`; the suffix picks the codec
-    (.mp4 -> mp4v, .webm -> vp9)."""
+    (.mp4 -> mp4v, .webm -> vp9, .mkv -> lossless ffv1) unless `codec` names one."""
     suffix = Path(path).suffix.lower()
     if suffix not in _SUFFIX_CODECS:
         raise ValueError(f"unsupported video suffix {suffix!r}; use one of {sorted(_SUFFIX_CODECS)}")
-    _write(os.fspath(path), frames, fps, _SUFFIX_CODECS[suffix])
+    codec = codec or _SUFFIX_CODECS[suffix]
+    if codec not in CODECS or CODECS[codec][0] != suffix:
+        raise ValueError(f"codec {codec!r} does not write {suffix} files")
+    _write(os.fspath(path), frames, fps, codec)
 
 
 def _write(path: str, frames: np.ndarray, fps: float, codec: str) -> None:

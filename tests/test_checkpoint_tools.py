@@ -94,6 +94,9 @@ def test_consolidate_equals_the_live_model(run):
     # the config rebuilt from the hyperparameters is the one the run built (export_to wrote it)
     assert Denoiser.config_from(run["out"] / "model") == Denoiser.config_from(f"{run['tmp'] / 'run'}.export")
     Denoiser.from_pretrained(run["out"] / "model")
+    # consolidate writes the stage's generation.json, as the live export did
+    assert (run["out"] / "model" / "generation.json").read_text() == \
+        (Path(f"{run['tmp'] / 'run'}.export") / "generation.json").read_text()
     # without Stage.on_save_checkpoint's net_configs / ema_of: rebuilt from the hyperparameters
     source = Checkpoint(run["ckpt"])
     source.meta.pop("net_configs", None), source.meta.pop("ema_of", None)

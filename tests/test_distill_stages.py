@@ -161,6 +161,11 @@ def test_kd_warmup_fits_the_teacher_targets(tmp_path):
     assert after < 0.7 * before, (before, after)
     exported = Denoiser.from_pretrained(tmp_path / "student")
     assert set(exported.controls) == {"edge"}
+    # generation.json tells infer to sample the student's t-list
+    from modules.pipeline import GenerationSettings
+
+    sampler = GenerationSettings.load(tmp_path / "student").sampler_config()
+    assert sampler.sampler == "student" and sampler.t_list == tuple(module.sampler.t_list)
 
 
 # --------------------------------------------------------------------------------------------

@@ -170,6 +170,11 @@ def bench(
     seconds: float = 20.0,
     edge: str = "both",
     workers: int = 1,
+    teacher_steps: int = 35,
+    guidance: float = 3.0,
+    student_steps: int = 4,
+    decode: str = "wan2.1",
+    modalities: str = "edge",
 ) -> list[dict]:
     """Time a control-training step and an inference forward of a preset, optionally against a peer.
 
@@ -179,8 +184,12 @@ def bench(
     `--mode data` instead measures data loading: decoded clips per second per worker
     (tools/bench_data.py), with and without on-the-fly edge extraction.
 
+    `--mode generation` times end-to-end sampling, teacher (CFG, many steps) against student
+    (few steps), plus decoding (tools/bench_generation.py).
+
     Args:
-        mode: net (the network against its peer) or data (clip decoding throughput).
+        mode: net (the network against its peer), data (clip decoding throughput) or generation
+            (teacher vs student sampling time).
         preset: network preset (tiny, small, 2b, 14b); the text projection is left out, as in the peer.
         shapes: comma-separated named shapes (480p_93f, 720p_93f) or latent grids TxHxW.
         peer: "diffusers" to also run diffusers' Cosmos transformer + controlnet of the same configuration.
@@ -196,13 +205,23 @@ def bench(
         seconds: data mode: measuring time per configuration.
         edge: data mode: on, off or both (edge extraction on the fly).
         workers: data mode: parallel worker processes.
+        teacher_steps: generation mode: Euler steps of the teacher.
+        guidance: generation mode: the teacher's CFG weight (0: one network call per step, else two).
+        student_steps: generation mode: student steps, t-list evenly spaced from 1.0 down.
+        decode: generation mode: wan2.1 (random full-size VAE, needs diffusers), pixel (CPU tests) or none.
+        modalities: generation mode: comma-separated control branches, each given random control latents.
     """
     if mode == "data":
         from tools.bench_data import bench_data
 
         return bench_data(shards, resolutions, num_frames, seconds, edge, workers)
+    if mode == "generation":
+        from tools.bench_generation import bench_generation
+
+        return bench_generation(preset, shapes, steps, device, dtype, teacher_steps, guidance, student_steps,
+                                decode, modalities, attention_backend)
     if mode != "net":
-        raise ValueError(f"mode must be net or data, got {mode!r}")
+        raise ValueError(f"mode must be net, data or generation, got {mode!r}")
     if peer not in (None, "diffusers"):
         raise ValueError(f"unknown peer {peer!r}; the only peer is 'diffusers'")
     dev = torch.device(device)

@@ -20,7 +20,63 @@ COMMANDS = {
     "consolidate": "tools.consolidate:consolidate",
     "combine": "tools.combine:combine",
     "make-kd-data": "tools.make_kd_data:make_kd_data",
+    "infer": "tools.infer:infer",
+    "evaluate": "tools.evaluate:evaluate",
+    "make-specs": "tools.make_specs:make_specs",
 }
+
+# infer takes Cosmos's spellings too: -i / -o, dashed flags (--num-steps) and bare switches
+# (--disable-guardrails for --disable_guardrails true)
+SHORT = {"infer": {"-i": "--input", "-o": "--output_dir"}}
+
+
+# subcommands whose first argument takes several values: `evaluate A B C` -> runs [A, B, C]
+VARIADIC = {"evaluate"}
+
+
+def _gather(argv: list[str]) -> list[str]:
+    """Bare words (not flag values) after a VARIADIC subcommand become one JSON list."""
+    if not argv or argv[0] not in VARIADIC:
+        return argv
+    import json
+
+    words, rest, i = [], [argv[0]], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            rest.append(arg)
+            if "=" not in arg and i + 1 < len(argv):
+                rest.append(argv[i + 1])
+                i += 1
+        else:
+            words.append(arg)
+        i += 1
+    if len(words) == 1 and words[0].startswith("["):
+        return argv
+    return rest + ([json.dumps(words)] if words else [])
+
+
+def _cosmos_flags(argv: list[str]) -> list[str]:
+    """Rewrite Cosmos-style arguments of the subcommands in SHORT into jsonargparse's."""
+    if not argv or argv[0] not in SHORT:
+        return argv
+    import inspect
+
+    params = inspect.signature(_load(COMMANDS[argv[0]])).parameters
+    switches = {f"--{n}" for n, p in params.items() if p.annotation in (bool, "bool")}
+    out = [argv[0]]
+    for i, arg in enumerate(argv[1:], start=1):
+        flag, eq, value = arg.partition("=")
+        if flag in SHORT[argv[0]]:
+            flag = SHORT[argv[0]][flag]
+        elif flag.startswith("--"):
+            flag = "--" + flag[2:].replace("-", "_")
+        out.append(flag + eq + value)
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if flag in switches and not eq and (following is None or following.startswith("-")
+                                            or following.lower() not in ("true", "false")):
+            out.append("true")
+    return out
 
 
 # LightningCLI subcommands, passed through whole
@@ -43,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
         lightning_main(None if from_shell else argv)
         return
+    argv = _gather(_cosmos_flags(argv))
     # load only the chosen subcommand; the others stay unimported
     chosen = [argv[0]] if argv and argv[0] in COMMANDS else list(COMMANDS)
     try:

@@ -90,6 +90,7 @@ def join(base: str, controls: list[str], out: str, dtype: torch.dtype | None) ->
         cfg = dataclasses.replace(cfg, control=branch_cfg.control, modalities=cfg.modalities + modalities)
     state = with_dtype(state, dtype)
     write(cfg, state, Path(out))
+    copy_settings([base] + controls, Path(out))
     print(f"wrote {out}: base {base} + control branch(es) {cfg.modalities}")
 
 
@@ -107,7 +108,19 @@ def split_teacher(teacher: str, out: str, dtype: torch.dtype | None) -> None:
         with torch.device("meta"):
             shell = Denoiser(part_cfg)
         shell.save_pretrained(Path(out) / name, {k: v for k, v in state.items() if k.startswith(prefix)})
+        copy_settings([teacher], Path(out) / name)
     print(f"wrote {', '.join(str(Path(out) / n) for n in parts)}")
+
+
+def copy_settings(sources: list[str], out: Path) -> None:
+    """Carry generation.json (tokenizer, text encoder, sampler) over from the first source that has one."""
+    from modules.pipeline import GENERATION_FILE
+
+    for source in sources:
+        file = Path(source) / GENERATION_FILE
+        if file.is_file():
+            (out / GENERATION_FILE).write_text(file.read_text())
+            return
 
 
 def with_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

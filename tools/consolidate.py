@@ -254,12 +254,30 @@ def consolidate(ckpt: str, *, out: str, networks: list[str] | None = None, dtype
         with torch.device("meta"):
             shell = Denoiser(cfg)
         shell.save_pretrained(Path(out) / name, state)
+        write_settings(source.meta, net, Path(out) / name)
         size = sum(t.numel() * t.element_size() for t in state.values())
         tqdm.write(f"{Path(out) / name}: {len(state)} tensors, {size / 2**20:.1f} MiB"
                    + (f" (EMA of {net})" if name == EMA else "") + (f", step {step}" if step is not None else ""))
         # one network in memory at a time
         del state, shell
         gc.collect()
+
+
+def write_settings(meta: dict, network: str, out: Path) -> None:
+    """generation.json of an exported network: the stage's, whose sampler belongs to the trained
+    network (a student's t-list); frozen networks (teacher, fake score) sample as teachers."""
+    from dataclasses import asdict
+
+    from modules.generator import SamplerConfig
+    from modules.pipeline import GenerationSettings
+
+    gen = meta.get("generation")
+    if not gen:
+        return  # checkpoints from before generation.json: infer then needs --tokenizer / --text_encoder
+    settings = GenerationSettings(**gen)
+    if network != meta.get("trained"):
+        settings.sampler = asdict(SamplerConfig(shift=settings.sampler.get("shift", SamplerConfig.shift)))
+    settings.save(out)
 
 
 def export_head(ckpt: Checkpoint, name: str, out: Path, dtype: torch.dtype | None) -> None:

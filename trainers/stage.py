@@ -6,7 +6,7 @@ trained network. Stages (modules/control.py, kd.py, dmd2.py) subclass `Stage`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from modules.denoiser import Cond, Denoiser
 from modules.generator import Generator, SamplerConfig, to_uint8, to_unit
 from modules.nets import NetConfig, preset
+from modules.pipeline import GenerationSettings
 from modules.text import build_text_encoder
 from modules.tokenizer import build_tokenizer
 
@@ -204,6 +205,14 @@ class Stage(L.LightningModule):
         checkpoint["head_configs"] = {name: m.cfg.to_dict() for name, m in self.named_children() if isinstance(m, GANHead)}
         if self.ema is not None:
             checkpoint["ema_of"] = next(n for n, m in self.named_children() if m is self.trained_model())
+        checkpoint["trained"] = next(n for n, m in self.named_children() if m is self.trained_model())
+        checkpoint["generation"] = asdict(self.generation_settings())
+
+    def generation_settings(self) -> GenerationSettings:
+        """What inference needs besides the trained network's weights (its generation.json)."""
+        return GenerationSettings(tokenizer=asdict(self.tok_spec),
+                                  text={"encoder": self.text_spec.encoder, "max_length": self.text_spec.max_length},
+                                  sampler=asdict(self.sampler))
 
     def on_train_end(self) -> None:
         if self.export_to:
@@ -310,6 +319,7 @@ class Stage(L.LightningModule):
             state.update(full)
         if self.global_rank == 0:
             model.save_pretrained(path, state)
+            self.generation_settings().save(path)
 
 
 def load_weights(model: Denoiser, path: str | Path) -> None:

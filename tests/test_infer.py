@@ -1,0 +1,295 @@
+"""`vidistill infer` and `vidistill evaluate` on a tiny model, tiny videos and the pixel tokenizer."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.codec import decode_video, write_video
+from modules.denoiser import Denoiser
+from modules.generator import SamplerConfig
+from modules.nets import preset
+from modules.pipeline import GenerationSettings, Pipeline, build_generator, placement_slots, run_placed
+from modules.spec import load_specs
+from tools.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+H, W = 32, 48
+
+
+def moving_square(frames: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    video = np.full((frames, H, W, 3), 40, np.uint8)
+    color = rng.integers(120, 255, 3)
+    for t in range(frames):
+        video[t, 8:20, 4 + 3 * t: 16 + 3 * t] = color
+    return video
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    """A tiny teacher with edge and blur branches (non-zero, so controls matter)."""
+    path = tmp_path_factory.mktemp("model")
+    cfg = preset("tiny", latent_channels=12)
+    cfg.control.channels, cfg.modalities = 12, ["edge", "blur"]
+    net = Denoiser.build(cfg, seed=0)
+    with torch.no_grad():
+        for p in net.controls.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    net.save_pretrained(path)
+    GenerationSettings(tokenizer={"kind": "pixel", "path": None, "options": {"spatial": 2}},
+                       text={"encoder": "tiny", "max_length": 16},
+                       sampler=asdict(SamplerConfig(steps=2, guidance=0.0, shift=3.0))).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def clips(tmp_path) -> Path:
+    write_video(tmp_path / "input.mp4", moving_square(10), 8.0)
+    mask = np.zeros((10, H, W, 3), np.uint8)
+    mask[:, :, : W // 2] = 255
+    write_video(tmp_path / "mask.mp4", mask, 8.0)
+    return tmp_path
+
+
+MULTICONTROL = """{
+    // the seed document's style: comments and a trailing comma
+    "name": "multi",
+    "prompt": "a red square slides over a grey floor",
+    "video_path": "input.mp4",
+    "resolution": "32x48",
+    "max_frames": 4,
+    "num_steps": 2,
+    "guidance": 1,
+    "show_control_condition": true,
+    "edge": {"mask_path": "mask.mp4", "preset_edge_threshold": "low"},
+    "vis": {"control_weight": 0.5},
+}"""
+
+
+def run_infer(*args):
+    try:
+        main(["infer", *map(str, args)])
+    except SystemExit as err:
+        return err.code
+    return 0
+
+
+def test_multicontrol_spec_with_mask_writes_outputs(model, clips, tmp_path):
+    (clips / "spec.json").write_text(MULTICONTROL)
+    out = tmp_path / "out"
+    assert run_infer("-i", clips / "spec.json", "-o", out, "--model", model, "--disable-guardrails", "--lossless",
+                     "true") == 0
+    info = json.loads((out / "multi.json").read_text())
+    assert info["nfe"] == 2 * 2 and info["frames"] == 4 and info["spec"]["edge"]["preset_edge_threshold"] == "low"
+    for name in info["outputs"]:
+        assert (out / name).is_file(), name
+    for name in ("multi.mp4", "multi.webm", "multi.mkv", "multi_control_edge.mp4", "multi_compare.webm"):
+        frames, _ = decode_video((out / name).read_bytes())
+        assert len(frames) == 4, name
+    assert (out / "multi.txt").read_text().strip() == "a red square slides over a grey floor"
+    # evaluate scores it against the recomputed controls
+    results = evaluate_dir(out, tmp_path / "eval")
+    row = results["runs"][0]["rows"][0]
+    assert 0 <= row["edge_f1"] <= 1 and -1 <= row["blur_ssim"] <= 1 and row["nfe"] == 4
+    assert (tmp_path / "eval" / "metrics.svg").read_text().startswith("<svg")
+    assert "Edge F1" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+def evaluate_dir(out, dest):
+    from tools.evaluate import evaluate
+
+    return evaluate([str(out)], out=str(dest))
+
+
+def test_the_mask_and_weights_change_the_video(model, clips):
+    specs, _ = load_specs(_write(clips, MULTICONTROL))
+    settings = GenerationSettings.load(model)
+    pipe = Pipeline(build_generator(model, settings), settings, {c: torch.device("cpu") for c in
+                                                                ("text_encoder", "tokenizer", "dit")})
+    full = pipe.run(specs[0]).video
+    specs[0].controls["edge"].mask_path = None
+    no_mask = pipe.run(specs[0]).video
+    assert not np.array_equal(full, no_mask)
+    # the mask covers the left half: there the edge branch still acts in both runs
+    assert np.abs(full.astype(int) - no_mask.astype(int))[:, :, W // 2 + 4:].mean() > \
+        np.abs(full.astype(int) - no_mask.astype(int))[:, :, : W // 2 - 4].mean()
+
+
+def _write(folder: Path, text: str, name: str = "spec.json") -> Path:
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def test_invalid_spec_writes_nothing(model, clips, tmp_path, capsys):
+    bad = MULTICONTROL.replace('"guidance": 1', '"gudiance": 1')
+    out = tmp_path / "out"
+    code = run_infer("-i", _write(clips, bad), "-o", out, "--model", model, "--disable-guardrails")
+    assert code not in (0, None)
+    assert "gudiance" in str(code) and "guidance" in str(code)
+    assert not out.exists()
+
+
+def test_blocklisted_prompt_is_refused(model, clips, tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("# test list\nsquare\n")
+    out = tmp_path / "out"
+    code = run_infer("-i", _write(clips, MULTICONTROL), "-o", out, "--model", model, "--blocklist", words)
+    assert code not in (0, None) and "square" in str(code)
+    assert not out.exists()
+
+
+def test_keep_going_runs_the_valid_specs(model, clips, tmp_path, capsys):
+    good = {"name": "ok", "prompt": "a square", "video_path": "input.mp4", "resolution": "32x48", "max_frames": 2,
+            "num_steps": 1, "guidance": 0, "edge": {}}
+    lines = [json.dumps(good), json.dumps(dict(good, name="bad", guidance=9))]
+    out = tmp_path / "out"
+    code = run_infer("-i", _write(clips, "\n".join(lines), "batch.jsonl"), "-o", out, "--model", model,
+                     "--disable-guardrails", "--keep-going")
+    assert code == 1
+    assert (out / "ok.json").is_file() and not (out / "bad.json").exists()
+    assert "bad" in capsys.readouterr().err
+
+
+def long_spec(clips: Path, **kw) -> Path:
+    spec = {"name": "long", "prompt": "a square", "video_path": "input.mp4", "resolution": "32x48",
+            "num_video_frames_per_chunk": 4, "num_conditional_frames": 1, "num_steps": 2, "guidance": 0,
+            "edge": {}, **kw}
+    return _write(clips, json.dumps(spec))
+
+
+def test_long_video_chunks_and_reused_latents_equal_the_round_trip(model, clips):
+    specs, _ = load_specs(long_spec(clips))
+    settings = GenerationSettings.load(model)
+    cpu = {c: torch.device("cpu") for c in ("text_encoder", "tokenizer", "dit")}
+    gen = build_generator(model, settings)
+    trip = Pipeline(gen, settings, cpu).run(specs[0])
+    reuse = Pipeline(gen, settings, cpu, reuse_latents=True).run(specs[0])
+    assert trip.plan.starts == [0, 3, 6] and trip.video.shape == (10, H, W, 3)
+    assert np.array_equal(trip.video, reuse.video)
+    # chunks are chained: chunk k+1 starts with the frame chunk k ended on
+    one = Pipeline(gen, settings, cpu).run(load_specs(long_spec(clips, max_frames=4))[0][0])
+    assert np.array_equal(one.video, trip.video[:4])
+
+
+def test_video2world_continues_the_input_and_text2world_needs_nothing(model, clips, tmp_path):
+    settings = GenerationSettings.load(model)
+    cpu = {c: torch.device("cpu") for c in ("text_encoder", "tokenizer", "dit")}
+    gen = build_generator(model, settings)
+    spec = {"name": "v2w", "prompt": "a square", "video_path": "input.mp4", "resolution": "32x48", "max_frames": 3,
+            "num_video_frames_per_chunk": 4, "num_conditional_frames": 1, "num_steps": 2, "guidance": 0}
+    specs, _ = load_specs(_write(clips, json.dumps(spec)), require_control=False)
+    job = Pipeline(gen, settings, cpu, mode="video2world").run(specs[0])
+    assert job.video.shape == (4, H, W, 3)
+    assert np.array_equal(job.video[0], job.inputs.video[-1])  # the lossless tokenizer keeps it exactly
+    out = tmp_path / "t2w"
+    t2w = {"name": "t2w", "prompt": "a square", "resolution": "32x48", "max_frames": 3, "num_steps": 2, "guidance": 2}
+    assert run_infer("-i", _write(clips, json.dumps(t2w), "t2w.json"), "-o", out, "--model", model,
+                     "--mode", "text2world", "--disable-guardrails") == 0
+    assert json.loads((out / "t2w.json").read_text())["frames"] == 3
+
+
+def test_student_sampler_uses_its_t_list_or_the_requested_steps(model, clips, tmp_path):
+    settings = GenerationSettings.load(model)
+    settings.sampler = asdict(SamplerConfig(sampler="student", t_list=(1.0, 0.75, 0.5, 0.25), shift=3.0))
+    from modules.pipeline import nfe, spec_sampler
+
+    spec = load_specs(long_spec(clips, num_steps=4))[0][0]
+    assert nfe(spec_sampler(settings, spec)) == 4
+    spec.num_steps = 1
+    assert spec_sampler(settings, spec).t_list == (1.0,)
+
+
+class Recorder:
+    """A stand-in pipeline that records which phase ran in which placement slot."""
+
+    def __init__(self, fail_prepare=()):
+        self.log, self.fail_prepare = [], set(fail_prepare)
+
+    def prepare(self, spec):
+        if spec in self.fail_prepare:
+            raise RuntimeError("broken input")
+        self.log.append(("prepare", spec))
+        return {"spec": spec}
+
+    def denoise(self, job):
+        self.log.append(("denoise", job["spec"]))
+        return job
+
+    def decode(self, job):
+        self.log.append(("decode", job["spec"]))
+        return job
+
+
+def test_placement_pipelines_text_encoder_and_tokenizer_around_the_dit():
+    slots = placement_slots(4)
+    assert len(slots) == 6
+    for t, (a, b) in enumerate(slots):
+        if 1 <= t <= 4:  # while the DiT denoises spec t-1 ...
+            assert b == [("denoise", t - 1)]
+        if 2 <= t <= 3:  # ... the tokenizer decodes t-2 and the text encoder / tokenizer prepare t
+            assert a == [("decode", t - 2), ("prepare", t)]
+    done, failed = [], []
+    rec = Recorder(fail_prepare={2})
+    run_placed(rec, [0, 1, 2, 3], lambda job: done.append(job["spec"]), lambda spec, err: failed.append(spec))
+    assert done == [0, 1, 3] and failed == [2]
+    for i in done:
+        assert rec.log.index(("prepare", i)) < rec.log.index(("denoise", i)) < rec.log.index(("decode", i))
+    assert ("denoise", 2) not in rec.log
+
+
+def test_batch_over_two_gloo_ranks_writes_every_output_once(model, clips, tmp_path):
+    lines = [json.dumps({"name": f"s{i}", "prompt": f"square {i}", "video_path": "input.mp4", "resolution": "32x48",
+                         "max_frames": 2, "num_steps": 1, "guidance": 0, "edge": {}}) for i in range(3)]
+    batch = _write(clips, "\n".join(lines), "batch.jsonl")
+    out = tmp_path / "out"
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT="29517", PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tools.cli", "infer", "-i", str(batch), "-o", str(out),
+                                       "--model", model, "--disable-guardrails", "--device", "cpu"],
+                                      cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    infos = {f.stem: json.loads(f.read_text()) for f in out.glob("s*.json")}
+    assert sorted(infos) == ["s0", "s1", "s2"]
+    assert {n: i["rank"] for n, i in infos.items()} == {"s0": 0, "s1": 1, "s2": 0}
+    assert "3 of 3 spec(s) generated" in errs[0]
+
+
+def invert(video):
+    """A stand-in depth annotator."""
+    return 255 - video
+
+
+def test_an_annotator_hook_computes_a_control_without_control_path(clips):
+    from modules.pipeline import load_inputs
+    from modules.spec import SpecError
+
+    spec = {"name": "d", "prompt": "a square", "video_path": "input.mp4", "resolution": "32x48", "max_frames": 3,
+            "depth": {}}
+    path = _write(clips, json.dumps(spec))
+    with pytest.raises(SpecError, match="annotator"):
+        load_specs(path)
+    specs, _ = load_specs(path, annotated=("depth",))
+    inputs = load_inputs(specs[0], annotators={"depth": invert})
+    assert np.array_equal(inputs.controls["depth"], 255 - inputs.video)
+
+
+def test_make_specs_turns_shard_clips_into_specs(tmp_path):
+    from tools.make_shards import make_shards
+    from tools.make_specs import make_specs
+
+    make_shards(out=str(tmp_path / "shards"), synthetic="video", num_samples=3, samples_per_shard=2, num_frames=4,
+                height=32, width=48, progress=False)
+    path = make_specs(str(tmp_path / "shards"), out=str(tmp_path / "specs"), controls="edge,vis", num=2, num_steps=4)
+    specs, _ = load_specs(path)
+    assert len(specs) == 2 and all(set(s.controls) == {"edge", "vis"} and s.num_steps == 4 for s in specs)
+    assert specs[0].resolution == "32x48" and specs[0].max_frames == 4 and specs[0].video_path.is_file()
