@@ -72,9 +72,10 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 _SUBPIXEL = 4  # cv2 drawing with shift=4: 1/16-pixel positions, so slow motion stays smooth
 
 
-def _floor(rng: random.Random, height: int, width: int, patterns: Sequence[str] = PATTERNS) -> tuple[np.ndarray, str]:
+def _floor(rng: random.Random, height: int, width: int, patterns: Sequence[str] = PATTERNS,
+           colours: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
     """A (H, W, 3) uint8 floor and its words, e.g. ``"gray striped"`` (``"gray"`` when plain)."""
-    name = rng.choice(sorted(FLOOR_COLOURS))
+    name = rng.choice(sorted(colours or FLOOR_COLOURS))
     pattern = rng.choice(tuple(patterns))
     if pattern == "plain":
         return np.broadcast_to(np.array(FLOOR_COLOURS[name], np.uint8), (height, width, 3)).copy(), name
@@ -113,7 +114,8 @@ def _draw(frame: np.ndarray, kind: str, cx: float, cy: float, r: float, colour: 
 
 
 def synthetic_clip(rng: random.Random, num_frames: int, height: int, width: int,
-                   floors: Sequence[str] = PATTERNS) -> tuple[np.ndarray, str]:
+                   floors: Sequence[str] = PATTERNS, floor_colours: Sequence[str] | None = None
+                   ) -> tuple[np.ndarray, str]:
     """Draw one captioned clip of 1-3 moving, scaling shapes over a textured floor.
 
     Args:
@@ -122,6 +124,7 @@ def synthetic_clip(rng: random.Random, num_frames: int, height: int, width: int,
         height: frame height H in pixels.
         width: frame width W in pixels.
         floors: floor patterns to draw from (`FLOORS`: the textures and "plain").
+        floor_colours: floor colour names to draw from (`FLOOR_COLOURS`; None: all of them).
 
     Returns:
         ``(frames, caption)``: frames (T, H, W, 3) uint8 RGB and an English caption.
@@ -131,7 +134,8 @@ def synthetic_clip(rng: random.Random, num_frames: int, height: int, width: int,
     bad = [f for f in floors if f not in FLOORS]
     if bad or not floors:
         raise ValueError(f"floors must be a non-empty subset of {FLOORS}, got {list(floors)}")
-    floor, floor_words = _floor(rng, height, width, floors)
+    _check_colours(floor_colours)
+    floor, floor_words = _floor(rng, height, width, floors, floor_colours)
     n = rng.choice((1, 1, 2, 2, 3))
     colours = rng.sample(sorted(SHAPE_COLOURS), n)  # distinct colours: every shape is nameable
     side = min(height, width)
@@ -166,6 +170,12 @@ def synthetic_clip(rng: random.Random, num_frames: int, height: int, width: int,
     return frames, caption
 
 
+def _check_colours(colours: Sequence[str] | None) -> None:
+    bad = [c for c in colours or () if c not in FLOOR_COLOURS]
+    if bad or colours is not None and not colours:
+        raise ValueError(f"floor colours must be a non-empty subset of {sorted(FLOOR_COLOURS)}, got {list(colours)}")
+
+
 def _sample_rng(seed: int, index: int) -> random.Random:
     # str seeding goes through SHA-512: stable across processes, machines and Python versions
     return random.Random(f"vidistill-synthetic:{seed}:{index}")
@@ -185,6 +195,7 @@ def write_synthetic_shards(
     prefix: str = "train",
     resume: bool = True,
     floors: Sequence[str] = PATTERNS,
+    floor_colours: Sequence[str] | None = None,
 ) -> list[str]:
     """Write the synthetic dataset as webdataset shards and return their paths.
 
@@ -209,6 +220,7 @@ def write_synthetic_shards(
         prefix: shard names are ``{prefix}-{index:06d}.tar``.
         resume: keep shards a previous identical run finished.
         floors: floor patterns to draw from (textures by default; "plain" for outline-only edges).
+        floor_colours: floor colours to draw from (None: all of `FLOOR_COLOURS`).
     """
     from datamodules.codec import encode_video
     from datamodules.controls import compute_control
@@ -218,6 +230,8 @@ def write_synthetic_shards(
     floors = tuple(floors)
     if not floors or any(f not in FLOORS for f in floors):
         raise ValueError(f"floors must be a non-empty subset of {FLOORS}, got {list(floors)}")
+    floor_colours = None if floor_colours is None else tuple(floor_colours)
+    _check_colours(floor_colours)
     bad = [m for m in controls if m not in ("edge", "blur")]
     if bad:
         raise ValueError(f"synthetic clips can carry computed controls only (edge, blur), got {bad}")
@@ -229,7 +243,7 @@ def write_synthetic_shards(
 
     def build(key: str) -> list[tuple[str, bytes]]:
         index = int(key.rsplit("-", 1)[1])
-        frames, caption = synthetic_clip(_sample_rng(seed, index), num_frames, height, width, floors)
+        frames, caption = synthetic_clip(_sample_rng(seed, index), num_frames, height, width, floors, floor_colours)
         meta = {"caption": caption, "fps": float(fps), "frames": num_frames, "width": width, "height": height,
                 "source": "synthetic", "seed": seed, "index": index, "controls": [f"{m}.mp4" for m in controls]}  # fmt: skip
         members = [("mp4", encode_video(frames, fps)), ("txt", caption.encode()), ("json", json.dumps(meta).encode())]
@@ -241,6 +255,8 @@ def write_synthetic_shards(
               "controls": controls, "version": 1}  # fmt: skip
     if floors != PATTERNS:  # only then, so shards written before the option still resume
         config["floors"] = floors
+    if floor_colours is not None:
+        config["floor_colours"] = floor_colours
     return write_shards(out, keys, build, samples_per_shard, prefix, config, resume, progress,
                         info={"source": "synthetic video", "seed": seed})  # fmt: skip
 

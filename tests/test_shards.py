@@ -162,6 +162,20 @@ def test_plain_floors_leave_only_shape_outlines():
         synthetic_clip(random.Random(0), 4, 48, 64, floors=("wavy",))
 
 
+def test_floor_colours_restrict_the_floor_and_keep_the_default_draws():
+    from datamodules.synthetic import FLOOR_COLOURS
+
+    for seed in range(4):
+        frames, caption = synthetic_clip(random.Random(seed), 4, 32, 48, floors=("plain",), floor_colours=("gray",))
+        assert " gray floor" in caption and (frames[:, 0, 0] == FLOOR_COLOURS["gray"]).all()
+        # all colours listed explicitly draws exactly what the default draws
+        every = synthetic_clip(random.Random(seed), 4, 32, 48, floor_colours=tuple(FLOOR_COLOURS))
+        default = synthetic_clip(random.Random(seed), 4, 32, 48)
+        assert every[1] == default[1] and np.array_equal(every[0], default[0])
+    with pytest.raises(ValueError, match="floor colours"):
+        synthetic_clip(random.Random(0), 4, 32, 48, floor_colours=("purple",))
+
+
 def _interior(mask: np.ndarray) -> np.ndarray:
     """Pixels whose whole 5x5 neighbourhood is in `mask` (per frame): no edge can be there."""
     import cv2

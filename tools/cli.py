@@ -23,6 +23,7 @@ COMMANDS = {
     "infer": "tools.infer:infer",
     "evaluate": "tools.evaluate:evaluate",
     "make-specs": "tools.make_specs:make_specs",
+    "quickstart": "tools.quickstart:quickstart",
 }
 
 # infer takes Cosmos's spellings too: -i / -o, dashed flags (--num-steps) and bare switches

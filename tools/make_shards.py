@@ -261,6 +261,7 @@ def make_shards(
     fps: float = 24.0,
     controls: str = "edge",
     floors: str = "textured",
+    floor_colours: str = "all",
     latent_shape: str = "16x24x88x160",
     text_shape: str = "512x1024",
     seed: int = 0,
@@ -304,6 +305,9 @@ def make_shards(
         floors: synthetic video: ``textured`` (striped, checkered, dotted, gradient), ``plain``
             (one flat colour: the shapes' outlines are the only edges; the quickstart's), or a
             comma-separated mix of those pattern names.
+        floor_colours: synthetic video: ``all`` or comma-separated floor colours (gray, brown,
+            navy, olive, teal, maroon, black); one colour makes the floor predictable without
+            the caption (the quickstart's: a tiny model learns it in minutes).
         latent_shape: synthetic latent: ``CxTxHxW`` of each latent (default: Wan2.1 latents
             of a 720p 93-frame clip).
         text_shape: synthetic latent: ``LxD`` of the text embedding (the 2b preset's text
@@ -325,8 +329,10 @@ def make_shards(
         mods = tuple(m.strip() for m in controls.split(",") if m.strip())
         if synthetic == "video":
             pats = PATTERNS if floors == "textured" else tuple(f.strip() for f in floors.split(",") if f.strip())
+            colours = None if floor_colours == "all" else tuple(c.strip() for c in floor_colours.split(",") if c.strip())
             paths = write_synthetic_shards(out, num_samples, samples_per_shard, num_frames, height, width, fps, seed,
-                                           mods, progress, prefix=prefix, resume=resume, floors=pats)  # fmt: skip
+                                           mods, progress, prefix=prefix, resume=resume, floors=pats,
+                                           floor_colours=colours)  # fmt: skip
         elif synthetic == "latent":
             shape = _parse_shape(latent_shape, 4, "latent_shape")
             text = _parse_shape(text_shape, 2, "text_shape")

@@ -174,6 +174,7 @@ class Stage(L.LightningModule):
         shard_model(model, self.mesh(), self.sharding)
         model.to_empty(device=self.build_device())
         model.init_weights(self.seed)
+        model.init_from = spec.init_from  # a plain attribute: generation_settings inherits from it
         if spec.init_from:
             load_weights(model, spec.init_from)
         else:
@@ -209,10 +210,20 @@ class Stage(L.LightningModule):
         checkpoint["generation"] = asdict(self.generation_settings())
 
     def generation_settings(self) -> GenerationSettings:
-        """What inference needs besides the trained network's weights (its generation.json)."""
-        return GenerationSettings(tokenizer=asdict(self.tok_spec),
-                                  text={"encoder": self.text_spec.encoder, "max_length": self.text_spec.max_length},
-                                  sampler=asdict(self.sampler))
+        """What inference needs besides the trained network's weights (its generation.json). A
+        stage that reads precomputed text or latents (tokenizer or text encoder `none`, as KD and
+        DMD2 do) passes on those of the network it started from."""
+        settings = GenerationSettings(tokenizer=asdict(self.tok_spec),
+                                      text={"encoder": self.text_spec.encoder, "max_length": self.text_spec.max_length},
+                                      sampler=asdict(self.sampler))
+        source = getattr(self.trained_model(), "init_from", None)
+        inherited = GenerationSettings.load(source) if source else None
+        if inherited is not None:
+            if settings.tokenizer["kind"] == "none":
+                settings.tokenizer = inherited.tokenizer
+            if settings.text["encoder"] == "none":
+                settings.text = inherited.text
+        return settings
 
     def on_train_end(self) -> None:
         if self.export_to:

@@ -1,0 +1,192 @@
+"""`vidistill quickstart`: the whole pipeline on the embedded default, then `report.html`.
+
+    vidistill quickstart --out quickstart
+
+synthetic shards -> base -> edge and blur control branches -> KD data -> KD warmup -> DMD2 (4-step
+student) -> consolidation -> held-out specs -> inference (teacher 35 steps; KD student 4 steps; DMD2
+student 4 and 1 steps; an edge + vis teacher) -> evaluation -> report. Every stage is the
+subcommand a cluster user runs, called in-process with the quickstart recipe
+(recipes/quickstart/*.yaml) and only the budget changed (steps, clip counts), written to
+OUT/configs/<stage>.yaml so nothing is hidden. Everything lands under OUT (the recipes' relative
+paths resolve there). A rerun skips finished stages and resumes an interrupted training stage from
+its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
+RUNS = Path("runs/quickstart")
+
+
+@dataclass
+class Budget:
+    """How much each stage does. `full` is the quickstart; `smoke` checks the plumbing (CI).
+    Clip size is the recipes' (32x48, 4 frames)."""
+
+    train_clips: int = 256
+    val_clips: int = 16
+    base_steps: int = 200
+    control_steps: int = 200
+    blur_steps: int = 80
+    kd_clips: int = 64
+    kd_val_clips: int = 8
+    kd_steps: int = 80
+    dmd2_turns: int = 80
+    specs: int = 8
+
+
+BUDGETS = {
+    "full": Budget(),
+    "smoke": Budget(train_clips=16, val_clips=4, base_steps=2, control_steps=2, blur_steps=2, kd_clips=8,
+                    kd_val_clips=2, kd_steps=2, dmd2_turns=6, specs=2),
+}
+
+
+@contextmanager
+def inside(path: Path):
+    """Run with `path` as the working directory: the recipes' runs/quickstart/... land under OUT."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def cli(*args) -> None:
+    """A `vidistill` subcommand, in-process, exactly as typed in a shell."""
+    from tools.cli import main
+
+    main([str(a) for a in args])
+
+
+def training_config(stage: str, steps: int, device: str) -> Path:
+    """The recipe with this run's budget: max_steps, the LR schedule's length, when to validate and
+    checkpoint. Written next to the runs, for the record."""
+    import yaml
+
+    recipe = yaml.safe_load((RECIPES / f"{stage}.yaml").read_text())
+    trainer, model = recipe["trainer"], recipe["model"]["init_args"]
+    trainer["max_steps"] = trainer["val_check_interval"] = steps
+    # enough points for the report's loss curves even on a short budget
+    trainer["log_every_n_steps"] = max(1, min(trainer.get("log_every_n_steps", 50), steps // 25))
+    if device == "cuda":
+        trainer["accelerator"] = "gpu"
+    for cb in trainer.get("callbacks", []):
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["every_n_train_steps"] = steps
+    if "optim" in model:
+        model["optim"]["total_steps"] = steps
+        model["optim"]["warmup_steps"] = min(model["optim"].get("warmup_steps", 0), max(steps // 10, 1))
+    for key in ("student_optim", "critic_optim"):
+        if key in model:
+            model[key]["warmup_steps"] = min(model[key].get("warmup_steps", 0), max(steps // 10, 1))
+    path = Path("configs") / f"{stage}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(f"# recipes/quickstart/{stage}.yaml with the quickstart budget ({steps} steps)\n"
+                    + yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def fit(stage: str, steps: int, device: str) -> None:
+    """`vidistill fit` of a quickstart recipe; resumes from the stage's last checkpoint if one exists."""
+    config = training_config(stage, steps, device)
+    last = RUNS / stage / "checkpoints" / "last.ckpt"
+    cli("fit", "--config", config, *(["--ckpt_path", last] if last.exists() else []))
+
+
+def quickstart(*, out: str = "quickstart", device: str = "cpu", budget: str = "full") -> Path:
+    """Run the whole pipeline on the embedded default and write OUT/report.html.
+
+    Args:
+        out: output directory; everything goes under it. Rerunning skips finished stages.
+        device: cpu or cuda (one GPU, the same tiny networks).
+        budget: full (the quickstart) or smoke (a few steps per stage, to check the plumbing).
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    if not RECIPES.is_dir():
+        raise FileNotFoundError(f"{RECIPES} not found: quickstart runs from a source checkout (pip install -e .)")
+    b = BUDGETS[budget]
+    root = Path(out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    state_file = root / "quickstart.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"stages": {}}
+    state.update(budget=asdict(b), device=device, machine=f"{platform.machine()}, {os.cpu_count()} cores")
+    data = RUNS / "data"
+    # the recipes' clip size; plain gray floors so the floor is predictable without the caption
+    size = ["--num_frames", 4, "--height", 32, "--width", 48, "--controls", "", "--floors", "plain",
+            "--floor_colours", "gray", "--progress", "false"]
+    out_dir = RUNS / "out"
+    specs = RUNS / "specs"
+    stages = [
+        ("data", lambda: (cli("make-shards", "--synthetic", "video", "--out", data / "train", "--num_samples",
+                              b.train_clips, *size),
+                          cli("make-shards", "--synthetic", "video", "--out", data / "val", "--num_samples",
+                              b.val_clips, "--seed", 1, "--prefix", "val", *size)), None),
+        ("base", lambda: fit("base", b.base_steps, device), RUNS / "base/export"),
+        ("edge", lambda: fit("edge", b.control_steps, device), RUNS / "edge/export"),
+        ("blur", lambda: fit("blur", b.blur_steps, device), RUNS / "blur/export"),
+        ("kd_data", lambda: (cli("make-kd-data", "--config", RECIPES / "kd_data.yaml", "--num_samples", b.kd_clips),
+                             cli("make-kd-data", "--config", RECIPES / "kd_data.yaml", "--shards", data / "val",
+                                 "--out", RUNS / "kd/val", "--num_samples", b.kd_val_clips)), None),
+        ("kd", lambda: fit("kd", b.kd_steps, device), RUNS / "kd/export"),
+        ("dmd2", lambda: fit("dmd2", b.dmd2_turns, device), RUNS / "dmd2/export"),
+        ("consolidate", lambda: cli("consolidate", RUNS / "dmd2/checkpoints/last.ckpt", "--out",
+                                    RUNS / "dmd2/consolidated"), RUNS / "dmd2/consolidated/student"),
+        ("combine", lambda: cli("combine", RUNS / "base/export", "--control",
+                                json.dumps([str(RUNS / "edge/export"), str(RUNS / "blur/export")]),
+                                "--out", RUNS / "teacher_edge_vis"), RUNS / "teacher_edge_vis/model.safetensors"),
+        ("specs", lambda: [cli("make-specs", data / "val", "--out", specs, "--controls", c, "--num", b.specs,
+                               "--file", f, "--num_steps", 35, "--guidance", 0)
+                           for c, f in (("edge", "edge.jsonl"), ("edge,vis", "edge_vis.jsonl"))], None),
+        ("infer", lambda: infer_all(specs, out_dir, device), None),
+        ("evaluate", lambda: cli("evaluate", *(out_dir / r for r, _, _, _ in RUNS_TO_COMPARE), "--labels",
+                                 json.dumps([label for _, label, _, _ in RUNS_TO_COMPARE]), "--out", RUNS / "eval"),
+         None),
+    ]
+    with inside(root):
+        for name, run, artifact in stages:
+            if artifact is not None and Path(artifact).exists():
+                print(f"[quickstart] {name}: done already ({artifact})", flush=True)
+                continue
+            print(f"[quickstart] {name} ...", flush=True)
+            t0 = time.perf_counter()
+            run()
+            state["stages"][name] = round(time.perf_counter() - t0, 1)
+            state_file.write_text(json.dumps(state, indent=2))
+        from tools.report import write_report
+
+        report = write_report(root)
+    total = sum(state["stages"].values())
+    print(f"[quickstart] report: {report} (stages run this time: {total / 60:.1f} min)", flush=True)
+    return report
+
+
+# (output folder, label, model, extra infer arguments) in the report's order; the first is the reference
+RUNS_TO_COMPARE = [
+    ("teacher", "teacher (35 steps)", RUNS / "edge/export", ["--input", "edge.jsonl"]),
+    ("kd", "KD student (4 steps)", RUNS / "kd/export", ["--input", "edge.jsonl"]),
+    ("dmd2", "DMD2 student (4 steps)", RUNS / "dmd2/consolidated/student", ["--input", "edge.jsonl"]),
+    ("dmd2_1step", "DMD2 student (1 step)", RUNS / "dmd2/consolidated/student",
+     ["--input", "edge.jsonl", "--num-steps", 1]),
+    ("teacher_edge_vis", "teacher, edge + vis (35 steps)", RUNS / "teacher_edge_vis", ["--input", "edge_vis.jsonl"]),
+]
+
+
+def infer_all(specs: Path, out_dir: Path, device: str) -> None:
+    """Every compared model over the held-out specs (lossless copies for exact scoring)."""
+    for folder, _, model, extra in RUNS_TO_COMPARE:
+        args = [a if a not in ("edge.jsonl", "edge_vis.jsonl") else specs / a for a in extra]
+        cli("infer", *args, "-o", out_dir / folder, "--model", model, "--lossless", "--device",
+            "cuda" if device == "cuda" else "cpu")
