@@ -6,7 +6,9 @@ two network calls per step) and as the distilled student (`student_steps` calls 
 no CFG). Text embeddings and control latents are given as random tensors, as if precomputed and
 encoded; the final latents are then decoded by a randomly initialised full-size Wan2.1 VAE
 (`--decode wan2.1`), the pixel tokenizer (`pixel`, for CPU smoke tests) or not at all (`none`).
-Times are medians over `steps` runs after one warm-up run; end to end = denoise + decode.
+Times are medians over `steps` runs; end to end = denoise + decode. The warm-up before them is
+one sampling step of the same sampler (the same network calls and kernels) and one decode of the
+first two latent frames, not a whole run: a 35-step CFG teacher at 720p runs for minutes.
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ def _sig(x: float) -> float:
 
 def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 1, device: str = "cuda",
                      dtype: str = "bfloat16", teacher_steps: int = 35, guidance: float = 3.0, student_steps: int = 4,
-                     decode: str = "wan2.1", modalities: str = "edge", attention_backend: str = "auto") -> list[dict]:
-    """Time teacher and student sampling (+ decoding) per shape; print JSON rows and a table; return the rows."""
+                     decode: str = "wan2.1", modalities: str = "edge", attention_backend: str = "auto",
+                     compile: bool = False) -> list[dict]:
+    """Time teacher and student sampling (+ decoding) per shape; print JSON rows and a table; return
+    the rows. `compile`: torch.compile each block (inductor), as `sharding.compile` in training."""
     if decode not in DECODERS:
         raise ValueError(f"unknown decode {decode!r}; choose one of {', '.join(DECODERS)}")
     if teacher_steps < 1 or student_steps < 1 or steps < 1:
@@ -77,7 +81,11 @@ def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 
     cfg = net_preset(preset, text_proj_in=None, **overrides)
     cfg.modalities = [m for m in modalities.split(",") if m]
     set_backend(attention_backend)
-    gen = Generator(Denoiser.build(cfg, device=dev, dtype=dt)).eval()
+    model = Denoiser.build(cfg, device=dev, dtype=dt)
+    from trainers.fsdp import set_compile
+
+    set_compile(model, compile)
+    gen = Generator(model).eval()
     samplers = {"teacher": SamplerConfig(sampler="euler", steps=teacher_steps, guidance=guidance),
                 # steps and guidance are unused by the student sampler; set so the header reads true
                 "student": SamplerConfig(sampler="student", steps=student_steps, guidance=0.0,
@@ -86,7 +94,8 @@ def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 
     header = dict(command="vidistill " + " ".join(sys.argv[1:]), mode="generation", torch=torch.__version__,
                   python=platform.python_version(),
                   device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-                  preset=preset, dtype=dtype, modalities=cfg.modalities, decode=decode,
+                  preset=preset, dtype=dtype, modalities=cfg.modalities, decode=decode, compile=compile,
+                  attention_backend=attention_backend,
                   samplers={k: dataclasses.asdict(v) for k, v in samplers.items()},
                   config=dataclasses.asdict(cfg.dit), control=dataclasses.asdict(cfg.control))
     print(json.dumps(header), flush=True)
@@ -106,10 +115,12 @@ def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 
             def denoise():
                 out["x0"] = gen.sample(cond, noise, sampler, generator=g)
 
+            one_step = dataclasses.replace(sampler, steps=1, t_list=sampler.t_list[:1])
             reset_peak(dev)
-            denoise_s = timed(denoise, steps, dev)
+            denoise_s = timed(denoise, steps, dev, warmup=lambda: gen.sample(cond, noise, one_step, generator=g))
             with torch.no_grad():
-                decode_s = timed(lambda: decode_fn(out["x0"]), steps, dev) if decode_fn else 0.0
+                decode_s = timed(lambda: decode_fn(out["x0"]), steps, dev,
+                                 warmup=lambda: decode_fn(out["x0"][:, :, :2])) if decode_fn else 0.0
             mem = peak_gib(dev)
             rows.append(dict(shape=shape, impl=impl, video=video, nfe=nfe[impl], denoise_s=_sig(denoise_s),
                              decode_s=_sig(decode_s), total_s=_sig(denoise_s + decode_s),

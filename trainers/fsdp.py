@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from modules.denoiser import Denoiser
+from modules.nets.dit import checkpoint_plan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "none": None}
 
@@ -29,26 +30,41 @@ class ShardingConfig:
     reduce_dtype: str = "float32"
     """Dtype gradients are reduce-scattered in."""
     checkpointing: str = "full"
-    """Activation checkpointing per block: none, full (recompute the block) or selective
-    (keep matmul/attention outputs, recompute norms, modulation and activations)."""
+    """Activation checkpointing per block: none, full (recompute the block), selective (keep
+    matmul/attention outputs, recompute norms, modulation and activations), attention (keep only
+    attention outputs, recompute the rest), partial:N (full on the first N blocks in execution
+    order, control blocks first, none on the rest) or partial:N:REST (REST = none, selective or
+    attention on the rest). See modules.nets.dit.checkpoint_plan."""
+    compile: bool = False
+    """torch.compile each block's computation (its checkpointed region included) with inductor,
+    before fully_shard; FSDP2's hooks stay eager around it. The first steps pay the compilation."""
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "reduce_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"sharding.{name} must be one of {', '.join(DTYPES)}")
-        if self.checkpointing not in ("none", "full", "selective"):
-            raise ValueError("sharding.checkpointing must be none, full or selective")
+        try:
+            checkpoint_plan(self.checkpointing, 1)
+        except ValueError as e:
+            raise ValueError(f"sharding.checkpointing: {e}") from None
 
 
 def mp_policy(cfg: ShardingConfig) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
 
 
-def set_checkpointing(model: Denoiser, mode: str) -> None:
-    """Switch activation checkpointing on every block of the trunk and the control branches."""
-    flag = {"none": False, "full": True, "selective": "selective"}[mode]
-    for block in blocks_in_order(model):
+def set_checkpointing(model: Denoiser, mode: str | bool) -> None:
+    """Set activation checkpointing on every block of the control branches and the trunk
+    (`checkpoint_plan` modes, counted over the blocks in execution order)."""
+    blocks = blocks_in_order(model)
+    for block, flag in zip(blocks, checkpoint_plan(mode, len(blocks))):
         block.checkpoint = flag
+
+
+def set_compile(model: Denoiser, enabled: bool, backend: str = "inductor") -> None:
+    """Compile (or stop compiling) every block's computation; see ShardingConfig.compile."""
+    for block in blocks_in_order(model):
+        block.compile_backend = backend if enabled else None
 
 
 def blocks_in_order(model: Denoiser) -> list[torch.nn.Module]:
@@ -57,13 +73,16 @@ def blocks_in_order(model: Denoiser) -> list[torch.nn.Module]:
 
 
 def shard_model(model: Denoiser, mesh: DeviceMesh | None, cfg: ShardingConfig) -> Denoiser:
-    """Apply activation checkpointing and FSDP2 to a Denoiser (built on meta or materialised).
+    """Apply activation checkpointing, torch.compile and FSDP2 to a Denoiser (built on meta or materialised).
 
     Each block is its own FSDP unit so only one block's full parameters live at a time; the last
     block of the forward keeps its parameters after forward (they are needed first in backward).
-    With no mesh (a single process without a process group) only checkpointing is applied.
+    With no mesh (a single process without a process group) only checkpointing and compile are applied.
     """
     set_checkpointing(model, cfg.checkpointing)
+    # compiled before fully_shard, as torchtitan orders it: only the block's inner computation is
+    # compiled, so the hooks fully_shard registers on the block run eagerly around the graph
+    set_compile(model, cfg.compile)
     if mesh is None:
         return model
     mp = mp_policy(cfg)

@@ -216,36 +216,106 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+# The fused attention kernels SDPA dispatches to (the CPU one exists only on some builds).
+_ATTENTION_OPS = {
+    getattr(torch.ops.aten, name).default
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)
+}
 # Ops whose outputs selective checkpointing keeps: matmuls and attention are the costly ones to
 # redo; norms, modulation, RoPE and GELU are cheap to recompute but take most of the memory.
-_SAVE_OPS = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten.addmm.default,
-    torch.ops.aten.bmm.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-}
+_SAVE_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default} | _ATTENTION_OPS
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+# At video lengths attention is most of a block's time (S^2 against S d^2: at 84k tokens and
+# d = 2048 its forward is about 6x the block's matmuls), and its output is one (S, d) tensor:
+# keeping only that, and recomputing the matmuls and everything cheap, saves most of full
+# checkpointing's recompute time for about three (S, d) tensors per block.
+def _attention_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def _selective_context():
     return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def _attention_context():
+    return create_selective_checkpoint_contexts(_attention_policy)
+
+
+def checkpoint_plan(mode: str | bool, n_blocks: int) -> list[bool | str]:
+    """Per-block `Block.checkpoint` values, in execution order, for an activation-checkpointing mode.
+
+    none (or false): keep every activation; full (or true): recompute every block in backward;
+    selective: keep matmul and attention outputs, recompute norms, modulation, RoPE and GELU;
+    attention: keep only the attention outputs, recompute the rest (matmuls included);
+    partial:N: full on the first N blocks, none on the rest; partial:N:REST: full on the first N
+    blocks, REST (none, selective or attention) on the others. Partial modes trade the memory a
+    GPU has to spare for recomputation: which blocks keep their activations does not change the
+    peak (all are held at the end of the forward), so the first ones (control blocks, whose
+    trainable weights make them the dearest to keep) are the ones recomputed.
+    """
+    if isinstance(mode, bool):
+        mode = "full" if mode else "none"
+    mode = {"true": "full", "false": "none"}.get(mode.lower(), mode.lower())
+    flag = {"none": False, "full": True, "selective": "selective", "attention": "attention"}
+    if mode in flag:
+        return [flag[mode]] * n_blocks
+    parts = mode.split(":")
+    rest = parts[2] if len(parts) == 3 else "none"
+    if parts[0] == "partial" and len(parts) in (2, 3) and parts[1].isdigit() and rest in flag and rest != "full":
+        n = min(int(parts[1]), n_blocks)
+        rest = flag[rest]
+        return [True] * n + [rest] * (n_blocks - n)
+    raise ValueError(f"unknown checkpointing mode {mode!r}: choose none, full, selective, attention, partial:N "
+                     "or partial:N:REST")
+
+
+def _run_block(block: "Block", x: torch.Tensor, s: State) -> torch.Tensor:
+    if block.checkpoint and torch.is_grad_enabled():
+        context = {"selective": _selective_context, "attention": _attention_context}.get(block.checkpoint)
+        if context is not None:
+            return checkpoint(block._forward, x, s, use_reentrant=False, context_fn=context)
+        return checkpoint(block._forward, x, s, use_reentrant=False)
+    return block._forward(x, s)
+
+
+# One compiled entry point per torch.compile backend, shared by every block: the blocks have the
+# same code and shapes, so Dynamo compiles once and reuses the graph (parameters are graph
+# inputs), and a block copied with copy.deepcopy cannot end up calling its original's weights as
+# a per-instance compiled bound method would. Module hooks (FSDP2's all-gathers) stay eager
+# because only the block's computation is compiled, not its __call__.
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_run(backend: str):
+    if backend not in _COMPILED:
+        # dynamic=False: a run has one or two token counts; kernels specialised to them beat
+        # symbolic-shape ones, and a new shape only costs one more compilation
+        _COMPILED[backend] = torch.compile(_run_block, backend=backend, dynamic=False)
+    return _COMPILED[backend]
 
 
 class Block(nn.Module):
     """One DiT block.
 
     `checkpoint`: False keeps all activations; True (or "full") recomputes the block in the
-    backward pass; "selective" keeps matmul and attention outputs and recomputes the rest.
+    backward pass; "selective" keeps matmul and attention outputs and recomputes the rest;
+    "attention" keeps only attention outputs.
+    `compile_backend`: None runs eagerly; a torch.compile backend name ("inductor") compiles the
+    block's computation, its checkpointed region included (the compiler then plans the
+    recomputation). Not nn.Module.compile, which would also trace the module's hooks.
     """
 
     def __init__(self, cfg: DiTConfig, device=None, dtype=None):
         super().__init__()
         self.checkpoint: bool | str = False
+        self.compile_backend: str | None = None
         self.mod_sa = AdaLNLoRA(cfg.dim, cfg.adaln_lora_dim, 3, device, dtype)
         self.sa = SelfAttention(cfg, device, dtype)
         self.mod_ca = AdaLNLoRA(cfg.dim, cfg.adaln_lora_dim, 3, device, dtype)
@@ -254,11 +324,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, device, dtype)
 
     def forward(self, x: torch.Tensor, s: State) -> torch.Tensor:
-        if self.checkpoint and torch.is_grad_enabled():
-            if self.checkpoint == "selective":
-                return checkpoint(self._forward, x, s, use_reentrant=False, context_fn=_selective_context)
-            return checkpoint(self._forward, x, s, use_reentrant=False)
-        return self._forward(x, s)
+        if self.compile_backend:
+            return _compiled_run(self.compile_backend)(self, x, s)
+        return _run_block(self, x, s)
 
     def _forward(self, x: torch.Tensor, s: State) -> torch.Tensor:
         shift, scale, gate = self.mod_sa(s.emb, s.lora)
