@@ -3,6 +3,7 @@ artifact, a report whose media decode, a consolidated student equal to the train
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -34,6 +35,8 @@ def test_every_stage_wrote_its_artifact(run):
     assert list(state["stages"]) == ["data", "base", "edge", "blur", "kd_data", "kd", "dmd2", "consolidate",
                                      "combine", "specs", "infer", "evaluate"]
     assert report.is_file()
+    # the in-process Lightning runs leave no process group or launcher variables behind
+    assert not torch.distributed.is_initialized() and "MASTER_PORT" not in os.environ
 
 
 def test_report_media_decode_with_the_requested_frames(run):

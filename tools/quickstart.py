@@ -52,13 +52,22 @@ BUDGETS = {
 
 @contextmanager
 def inside(path: Path):
-    """Run with `path` as the working directory: the recipes' runs/quickstart/... land under OUT."""
-    old = os.getcwd()
+    """Run with `path` as the working directory (the recipes' runs/quickstart/... land under OUT),
+    and leave the caller's process as it was: the in-process Lightning runs set MASTER_PORT and
+    friends and keep a gloo process group listening on that port, which a later torchrun or
+    Lightning launch from the same process (or its children) would collide with."""
+    import torch.distributed as dist
+
+    old, env = os.getcwd(), dict(os.environ)
     os.chdir(path)
     try:
         yield
     finally:
         os.chdir(old)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
 
 
 def cli(*args) -> None:
