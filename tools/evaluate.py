@@ -11,6 +11,8 @@ package needed) and prints the markdown table.
 
 from __future__ import annotations
 
+import html
+
 import json
 from pathlib import Path
 from statistics import mean
@@ -119,10 +121,10 @@ def svg_chart(results: dict) -> str:
     runs = results["runs"]
     metrics = [("edge_f1", "Edge F1", "#3b7dd8"), ("blur_ssim", "Blur SSIM", "#e08a2c")]
     metrics = [m for m in metrics if any(m[0] in r for r in runs)]
-    bar, gap, top, plot_h = 28, 30, 30, 180
+    bar, gap, top, plot_h = 28, 44, 30, 180
     group = bar * max(len(metrics), 1) + gap
     width = 60 + group * len(runs) + 20
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + plot_h + 70}" '
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + plot_h + 85}" '
              'font-family="sans-serif" font-size="11">']
     for v in (0.0, 0.5, 1.0):
         y = top + plot_h * (1 - v)
@@ -139,9 +141,13 @@ def svg_chart(results: dict) -> str:
                          f'<title>{key} {v:.3f}</title></rect>'
                          f'<text x="{x0 + j * bar + bar / 2 - 2}" y="{top + plot_h - h - 3}" text-anchor="middle">{v:.2f}</text>')
         cx = x0 + (group - gap) / 2
-        parts.append(f'<text x="{cx}" y="{top + plot_h + 16}" text-anchor="middle" font-weight="bold">{r["label"]}</text>'
-                     f'<text x="{cx}" y="{top + plot_h + 31}" text-anchor="middle">NFE {r.get("nfe", 0):.0f}</text>'
-                     f'<text x="{cx}" y="{top + plot_h + 46}" text-anchor="middle">{r["speedup"]:.1f}x faster</text>')
+        # labels such as "DMD2 student (4 steps)" are wider than a bar group: the part in
+        # parentheses goes on a second line
+        name, _, detail = html.escape(r["label"]).partition(" (")
+        lines = [(name, ' font-weight="bold"'), (f"({detail}" if detail else "", ""),
+                 (f'NFE {r.get("nfe", 0):.0f}', ""), (f'{r["speedup"]:.1f}x faster', "")]
+        parts += [f'<text x="{cx}" y="{top + plot_h + 16 + 14 * k}" text-anchor="middle"{style}>{text}</text>'
+                  for k, (text, style) in enumerate(lines) if text]
     for j, (_, name, color) in enumerate(metrics):
         parts.append(f'<rect x="{60 + j * 90}" y="8" width="10" height="10" fill="{color}"/>'
                      f'<text x="{74 + j * 90}" y="17">{name}</text>')

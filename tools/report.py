@@ -31,7 +31,7 @@ def scalars(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points.items()) for tag, points in curves.items()}
 
 
-def line_chart(title: str, curves: dict[str, list[tuple[int, float]]], width: int = 340, height: int = 180) -> str:
+def line_chart(title: str, curves: dict[str, list[tuple[int, float]]], width: int = 340, height: int = 200) -> str:
     """Inline SVG: one polyline per curve, log-scaled y when the values span over a decade."""
     colors = ["#3b7dd8", "#e08a2c", "#3aa35b", "#c0392b", "#8e44ad"]
     points = [v for c in curves.values() for _, v in c]
@@ -43,7 +43,7 @@ def line_chart(title: str, curves: dict[str, list[tuple[int, float]]], width: in
     lo, hi = f(min(points)), f(max(points))
     hi = hi if hi > lo else lo + 1
     s0, s1 = min(steps), max(max(steps), min(steps) + 1)
-    left, top, w, h = 44, 22, width - 54, height - 44
+    left, top, w, h = 44, 22, width - 54, height - 64  # below the plot: step labels, a 2-column legend
     x = lambda s: left + w * (s - s0) / (s1 - s0)
     y = lambda v: top + h * (1 - (f(v) - lo) / (hi - lo))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="10" '
@@ -57,7 +57,7 @@ def line_chart(title: str, curves: dict[str, list[tuple[int, float]]], width: in
         color = colors[i % len(colors)]
         path = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in c)
         parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>'
-                     f'<text x="{left + 4}" y="{top + h + 24 + 0 * i}" dx="{i * 110}" fill="{color}">'
+                     f'<text x="{left + 4 + (i % 2) * 150}" y="{top + h + 26 + (i // 2) * 12}" fill="{color}">'
                      f'{html.escape(tag.removeprefix("train/"))}</text>')
     parts.append("</svg>")
     return "".join(parts)
