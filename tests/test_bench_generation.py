@@ -3,18 +3,11 @@
 import math
 
 import pytest
-import torch
 
 from tools.bench import bench
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny ops on 2 threads spin-wait against any other CPU load (30x slower); one thread is enough
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_generation_rows_and_speed_up(capsys):

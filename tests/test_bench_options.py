@@ -17,12 +17,7 @@ from tools.bench import Variant, parse_variants
 from trainers.fsdp import ShardingConfig, blocks_in_order, set_compile, shard_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_and_batch():

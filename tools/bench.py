@@ -253,7 +253,7 @@ def write_profile(step: Callable[[], None], device: torch.device, path: Path, ro
 def bench(
     mode: str = "net",
     preset: str = "2b",
-    shapes: str = "480p_93f,720p_93f",
+    shapes: str | None = None,
     peer: str | None = None,
     steps: int = 2,
     device: str = "cuda",
@@ -276,6 +276,7 @@ def bench(
     student_steps: int = 4,
     decode: str = "wan2.1",
     modalities: str = "edge",
+    student_trainable: str = "all",
 ) -> list[dict]:
     """Time a control-training step and an inference forward of a preset, optionally against a peer.
 
@@ -288,11 +289,16 @@ def bench(
     `--mode generation` times end-to-end sampling, teacher (CFG, many steps) against student
     (few steps), plus decoding (tools/bench_generation.py).
 
+    `--mode dmd2` times, in one process with the same inputs, the control-training step above
+    (ours), one DMD2 student turn and one critic turn of the DMD2 stage's own code at the full
+    backward simulation, and each turn's ratio to the control step (tools/bench_dmd2.py).
+
     Args:
-        mode: net (the network against its peer), data (clip decoding throughput) or generation
-            (teacher vs student sampling time).
+        mode: net (the network against its peer), data (clip decoding throughput), generation
+            (teacher vs student sampling time) or dmd2 (DMD2 turns against the control step).
         preset: network preset (tiny, small, 2b, 14b); the text projection is left out, as in the peer.
-        shapes: comma-separated named shapes (480p_93f, 720p_93f) or latent grids TxHxW.
+        shapes: comma-separated named shapes (480p_93f, 720p_93f) or latent grids TxHxW; none:
+            480p_93f for dmd2, else 480p_93f,720p_93f.
         peer: "diffusers" to also run diffusers' Cosmos transformer + controlnet of the same configuration.
         steps: timed runs per measurement (median), after one warm-up.
         device: cuda or cpu (cpu only for smoke tests).
@@ -301,16 +307,19 @@ def bench(
             partial:N (full on the first N blocks in execution order, control blocks first, none
             on the rest) or partial:N:REST (modules.nets.dit.checkpoint_plan); true/false mean
             full/none. The peer keeps its reference setting, full checkpointing of every block,
-            unless this is none/false.
+            unless this is none/false. dmd2 mode: the control step's network and the blocks of
+            all DMD2 networks (student, teacher, fake score; the GAN head has none).
         attention_backend: SDPA backend for ours (auto, flash, cudnn, efficient, math).
         compile: torch.compile each of our blocks (inductor), as `sharding.compile` does in training;
-            the warm-up run pays the compilation.
+            the warm-up run pays the compilation. dmd2 mode: every network's blocks.
         infer: also time the inference forward (ours and the peer); false halves a training-only comparison.
         variants: further configurations of ours measured after the first, in the same process and
             against the same peer: `key=value,...` separated by `;`, keys checkpointing, compile,
             attention_backend and infer (false: skip the inference forward), each starting from
             the options above, e.g. "attention_backend=flash;checkpointing=partial:20,infer=false";
             also shapes (`+`-separated), steps and profile (true/false) per variant. The peer runs first.
+            dmd2 mode: keys checkpointing, compile, attention_backend, shapes and steps, each
+            applied to the control step and to both turns.
         profile: a folder: after each measurement, profile one more training step of its last
             shape and write the top kernels by device time there (and to stdout).
         peak_tflops: the GPU's dense bf16 peak for MFU (H200/H100 SXM: about 790 by the peer's convention).
@@ -325,7 +334,11 @@ def bench(
         student_steps: generation mode: student steps, t-list evenly spaced from 1.0 down.
         decode: generation mode: wan2.1 (random full-size VAE, needs diffusers), pixel (CPU tests) or none.
         modalities: generation mode: comma-separated control branches, each given random control latents.
+        student_trainable: dmd2 mode: the student's trained parameters, all (base + control, the
+            2b dmd2 recipe's) or control (the control branch only).
     """
+    if shapes is None:
+        shapes = "480p_93f" if mode == "dmd2" else "480p_93f,720p_93f"
     if mode == "data":
         from tools.bench_data import bench_data
 
@@ -335,8 +348,14 @@ def bench(
 
         return bench_generation(preset, shapes, steps, device, dtype, teacher_steps, guidance, student_steps,
                                 decode, modalities, attention_backend)
+    if mode == "dmd2":
+        from tools.bench_dmd2 import bench_dmd2
+
+        return bench_dmd2(preset, shapes, steps, device, dtype,
+                          {"true": "full", "false": "none"}.get(str(checkpointing).lower(), str(checkpointing)),
+                          compile, attention_backend, variants, student_trainable, peak_tflops)
     if mode != "net":
-        raise ValueError(f"mode must be net, data or generation, got {mode!r}")
+        raise ValueError(f"mode must be net, data, generation or dmd2, got {mode!r}")
     if peer not in (None, "diffusers"):
         raise ValueError(f"unknown peer {peer!r}; the only peer is 'diffusers'")
     dev = torch.device(device)
