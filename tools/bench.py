@@ -339,6 +339,7 @@ def bench(
     """
     if shapes is None:
         shapes = "480p_93f" if mode == "dmd2" else "480p_93f,720p_93f"
+    ckpt = {"true": "full", "false": "none"}.get(str(checkpointing).lower(), str(checkpointing))
     if mode == "data":
         from tools.bench_data import bench_data
 
@@ -351,9 +352,8 @@ def bench(
     if mode == "dmd2":
         from tools.bench_dmd2 import bench_dmd2
 
-        return bench_dmd2(preset, shapes, steps, device, dtype,
-                          {"true": "full", "false": "none"}.get(str(checkpointing).lower(), str(checkpointing)),
-                          compile, attention_backend, variants, student_trainable, peak_tflops)
+        return bench_dmd2(preset, shapes, steps, device, dtype, ckpt, compile, attention_backend, variants,
+                          student_trainable, peak_tflops)
     if mode != "net":
         raise ValueError(f"mode must be net, data, generation or dmd2, got {mode!r}")
     if peer not in (None, "diffusers"):
@@ -362,14 +362,13 @@ def bench(
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     cfg = net_preset(preset, text_proj_in=None)
     grids = {s: parse_shape(s) for s in shapes.split(",")}
-    ckpt = {"true": "full", "false": "none"}.get(str(checkpointing).lower(), str(checkpointing))
-    base = Variant(checkpointing=ckpt,
-                   compile=compile, attention_backend=attention_backend, infer=infer)
+    base = Variant(checkpointing=ckpt, compile=compile, attention_backend=attention_backend, infer=infer)
     runs = [base] + parse_variants(variants, base)
     for v in runs:  # refuse a bad option before minutes of measuring
         checkpoint_plan(v.checkpointing, 1)
         set_backend(v.attention_backend)
-        [parse_shape(s) for s in (v.shapes or shapes).split(",")]
+        for s in (v.shapes or shapes).split(","):
+            parse_shape(s)
     set_backend("auto")  # the peer uses SDPA as torch chooses, as its reference script does
     peer_ckpt = any(checkpoint_plan(base.checkpointing, 1))
     header = dict(command="vidistill " + " ".join(sys.argv[1:]), torch=torch.__version__, python=platform.python_version(),

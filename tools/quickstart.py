@@ -94,8 +94,7 @@ def training_config(stage: str, steps: int, device: str) -> Path:
             cb["init_args"]["every_n_train_steps"] = steps
     if "optim" in model:
         model["optim"]["total_steps"] = steps
-        model["optim"]["warmup_steps"] = min(model["optim"].get("warmup_steps", 0), max(steps // 10, 1))
-    for key in ("student_optim", "critic_optim"):
+    for key in ("optim", "student_optim", "critic_optim"):  # warm-up: at most a tenth of the budget
         if key in model:
             model[key]["warmup_steps"] = min(model[key].get("warmup_steps", 0), max(steps // 10, 1))
     path = Path("configs") / f"{stage}.yaml"
