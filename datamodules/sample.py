@@ -140,6 +140,7 @@ class SampleLoader:
     def _control(self, raw, indices, frames, info, rng) -> np.ndarray:
         m = self.modality
         if f"{m}.mp4" in raw:
+            _check_same_video(raw[f"{m}.mp4"], info, f"{m}.mp4")
             interpolation = CONTROL_INTERPOLATION[m]
             return load_control_video(raw[f"{m}.mp4"], indices, self.height, self.width, interpolation)
         if m in _COMPUTABLE:
@@ -152,6 +153,16 @@ class SampleLoader:
             video = render_keypoints(kp, info.height, info.width)  # source pixels, then as the clip
             return resize_crop(video, self.height, self.width, CONTROL_INTERPOLATION[m])
         raise KeyError(f"sample has no {m}.mp4" + (" or keypoint.json" if m == "keypoint" else ""))
+
+
+def _check_same_video(data: bytes, clip, name: str) -> None:
+    """A control video must have its clip's frame size and length (as far as the containers
+    tell): anything else is another video or a misaligned one, and resizing would hide that."""
+    ctl = probe(data)
+    if (ctl.width, ctl.height) != (clip.width, clip.height):
+        raise ValueError(f"{name} is {ctl.width}x{ctl.height}, its clip {clip.width}x{clip.height}")
+    if ctl.frames > 0 and clip.frames > 0 and ctl.frames != clip.frames:
+        raise ValueError(f"{name} has {ctl.frames} frames, its clip {clip.frames}")
 
 
 def _json(raw: dict) -> dict:

@@ -153,8 +153,18 @@ def iter_tar_samples(url: str, skip: int = 0, part: int = 0, parts: int = 1) -> 
                     current[split[1]] = f.read() if f is not None else b""
             if current is not None:
                 yield current
+            _check_end(tar)
     finally:
         stream.close()
+
+
+def _check_end(tar: tarfile.TarFile) -> None:
+    """Raise if member data follows where the archive ended: tarfile ends a stream silently at an
+    invalid member header, which would drop the rest of the shard uncounted. A whole shard has
+    only zero blocks after its last member."""
+    while chunk := tar.fileobj.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            raise tarfile.ReadError(f"invalid tar header near byte {tar.offset}: the rest of the shard is unreadable")
 
 
 def count_samples(url: str) -> int:

@@ -377,8 +377,9 @@ class VideoDataModule(lightning.LightningDataModule):
             resample: each worker draws shards with replacement (seeded) instead of reading its
                 disjoint share of the epoch's permutation.
             val_samples: validation uses the first this many samples of `val_shards`.
-            rank: this process's rank; None: the Trainer's global rank (0 without a Trainer).
-            world_size: number of ranks; None: the Trainer's world size (1 without a Trainer).
+            rank: this process's data-parallel rank; None: the Trainer's (its global rank unless
+                context parallelism groups ranks; 0 without a Trainer).
+            world_size: number of data-parallel ranks; None: the Trainer's (1 without a Trainer).
         """
         super().__init__()
         if modality is not None and modality not in MODALITIES:
@@ -417,8 +418,12 @@ class VideoDataModule(lightning.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Resolve rank/world, list the shards and derive `batches_per_epoch` if not given."""
         trainer = self.trainer
-        self._rank = self.rank if self.rank is not None else (trainer.global_rank if trainer else 0)
-        self._world = self.world_size if self.world_size is not None else (trainer.world_size if trainer else 1)
+        # the data-parallel rank and size (Lightning's sampler arguments): the ranks of one
+        # context-parallel group read the same batches (trainers/strategy.py)
+        dp = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer else None
+        dp_rank, dp_world = (dp["rank"], dp["num_replicas"]) if dp else (0, 1)
+        self._rank = self.rank if self.rank is not None else dp_rank
+        self._world = self.world_size if self.world_size is not None else dp_world
         if not 0 <= self._rank < self._world:
             raise ValueError(f"rank {self._rank} is outside world size {self._world}")
         if stage in (None, "fit"):

@@ -53,6 +53,7 @@ class ControlTraining(Stage):
         ema_decay: float | None = None,
         export_to: str | None = None,
         seed: int = 0,
+        max_nonfinite_steps: int | None = 5,
     ):
         """
         Args:
@@ -69,8 +70,11 @@ class ControlTraining(Stage):
             ema_decay: keep an exponential moving average of the trained weights (e.g. 0.999); none: off.
             export_to: directory where the trained network (its EMA if kept) is written at the end of fit.
             seed: weight init and every per-sample random draw.
+            max_nonfinite_steps: skipped steps in a row (non-finite loss or gradient on any rank)
+                after which the run checkpoints and stops; None: skip forever. 5 rides out a few
+                bad batches in a row but stops a diverged run within minutes.
         """
-        super().__init__(tokenizer, text, optim, sharding, seed, ema_decay, export_to)
+        super().__init__(tokenizer, text, optim, sharding, seed, ema_decay, export_to, max_nonfinite_steps)
         if trainable not in ("control", "base"):
             raise ValueError(f"trainable must be control or base, got {trainable!r}")
         if trainable == "control" and not modality:
@@ -123,8 +127,7 @@ class ControlTraining(Stage):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, self.global_step, batch_idx % self.trainer.accumulate_grad_batches)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        if "skipped" in batch:
-            self.log("data/skipped", batch["skipped"].float().sum(), reduce_fx="sum", sync_dist=True)
+        self.log_skipped(batch)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

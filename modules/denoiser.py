@@ -71,6 +71,12 @@ class Denoiser(nn.Module):
         self.net = DiT(cfg.dit, device, dtype)
         self.controls = nn.ModuleDict({m: ControlBranch(cfg.dit, cfg.control, device, dtype) for m in cfg.modalities})
 
+    def set_context_parallel(self, group) -> "Denoiser":
+        """Split the tokens of every later call across the ranks of `group` (context parallelism,
+        modules/nets/context.py); None turns it off. Callers see whole tensors either way."""
+        self.net.set_context_parallel(group)
+        return self
+
     def output(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The network's raw output (v or x0, `cfg.prediction`) for inputs x at per-sample (B,)
         or per-frame (B, T) time t."""
@@ -100,7 +106,7 @@ class Denoiser(nn.Module):
         if active:
             outs = [self.controls[m](cond.controls[m], s) for m in active]
             weights = [cond.control_weights.get(m, 1.0) for m in active]
-            mixed = mix_residuals(outs, weights, s.grid)
+            mixed = mix_residuals(outs, weights, s.grid, s.local)
             residuals = dict(zip(self.cfg.control.targets(), mixed))
         return s, residuals
 

@@ -83,6 +83,7 @@ class DMD2(Stage):
         ema_decay: float | None = None,
         export_to: str | None = None,
         seed: int = 0,
+        max_nonfinite_steps: int | None = 5,
     ):
         """
         Args:
@@ -113,8 +114,11 @@ class DMD2(Stage):
             ema_decay: keep an EMA of the student (e.g. 0.999; Transfer2.5 keeps one); none: off.
             export_to: where the student (its EMA if kept) is written at the end of fit.
             seed: turn draws (exit step, noise, times).
+            max_nonfinite_steps: skipped turns in a row (non-finite loss or gradient on any rank)
+                after which the run checkpoints and stops; None: skip forever. 5 rides out a few
+                bad batches in a row but stops a diverged run within minutes.
         """
-        super().__init__(tokenizer, text, student_optim, sharding, seed, ema_decay, export_to)
+        super().__init__(tokenizer, text, student_optim, sharding, seed, ema_decay, export_to, max_nonfinite_steps)
         if student_trainable not in ("all", "control"):
             raise ValueError(f"student_trainable must be all or control, got {student_trainable!r}")
         if gan.features not in ("fake_score", "teacher"):
@@ -209,8 +213,8 @@ class DMD2(Stage):
         the student's prediction there (with grad on student turns)."""
         exit_step = distill.choose_exit_step(len(self.times), turn, self.seed)
         # the re-noising of the simulated steps: one stream per (turn, micro-batch, rank)
-        world = self._trainer.world_size if self._trainer is not None else 1
-        g = sample_generator(self.seed, turn, -1 - (micro * world + self.global_rank), noise.device)
+        rank, world = self.data_rank()  # a context-parallel group shares one stream
+        g = sample_generator(self.seed, turn, -1 - (micro * world + rank), noise.device)
         x_t, t = distill.backward_simulation(guided(self.student, cond, 0.0), noise, self.times, exit_step, g)
         return self.student.denoise(x_t, t, cond)
 
@@ -253,19 +257,18 @@ class DMD2(Stage):
         self.manual_backward(loss.mean() / self.micro_batches)
         who = "student" if is_student else "critic"
         self.log_dict({f"train/{who}_{k}": v.mean() for k, v in parts.items()}, sync_dist=True)
+        self.log_skipped(batch)
         self._stepped_student = False
         if micro == self.micro_batches - 1:
             i = 0 if is_student else 1
             if self.gradient_clip:
                 self.clip_gradients(opts[i], gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
-            opts[i].step()
+            opts[i].step()  # Stage.on_before_optimizer_step drops non-finite gradients first (a skipped turn)
             scheds[i].step()
-            self._stepped_student = is_student
+            self._stepped_student = is_student and not self._skipped_step
+            if self.ema is not None and self._stepped_student:  # before checkpoint callbacks (Stage.optimizer_step)
+                self.ema.update(self.student)
         return loss.detach().mean()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None and self._stepped_student:
-            self.ema.update(self.student)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The fake score's loss on fresh student samples: how far the critic lags the student."""

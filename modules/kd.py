@@ -37,6 +37,7 @@ class KDWarmup(Stage):
         ema_decay: float | None = None,
         export_to: str | None = None,
         seed: int = 0,
+        max_nonfinite_steps: int | None = 5,
     ):
         """
         Args:
@@ -54,8 +55,11 @@ class KDWarmup(Stage):
             ema_decay: keep an EMA of the student (e.g. 0.999); none: off.
             export_to: where the student (its EMA if kept) is written at the end of fit.
             seed: per-sample draws of the training state.
+            max_nonfinite_steps: skipped steps in a row (non-finite loss or gradient on any rank)
+                after which the run checkpoints and stops; None: skip forever. 5 rides out a few
+                bad batches in a row but stops a diverged run within minutes.
         """
-        super().__init__(tokenizer, text, optim, sharding, seed, ema_decay, export_to)
+        super().__init__(tokenizer, text, optim, sharding, seed, ema_decay, export_to, max_nonfinite_steps)
         if trainable not in ("all", "control"):
             raise ValueError(f"trainable must be all or control, got {trainable!r}")
         if not t_list:
@@ -107,6 +111,7 @@ class KDWarmup(Stage):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, self.global_step)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log_skipped(batch)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -230,7 +230,9 @@ def parse_spec(obj: dict, base_dir: Path, source: str, index: int = 0, require_c
     name = obj.get("name") if isinstance(obj.get("name"), str) else default
     c = _Checker(f"spec {name!r} ({source})", Path(os.path.abspath(Path(base_dir).expanduser())))
     for key in obj:
-        if key not in _TOP_KEYS:
+        if key not in _TOP_KEYS and isinstance(obj[key], dict):  # a control block of another modality
+            c.fail(key, f"unknown control modality (choose from {', '.join(SPEC_MODALITIES)})")
+        elif key not in _TOP_KEYS:
             c.unknown(key, key, _TOP_KEYS)
     name = c.string(obj, "name", default, nullable=True)
     if not _SAFE_NAME.fullmatch(name) or set(name) == {"."}:

@@ -277,6 +277,10 @@ def bench(
     decode: str = "wan2.1",
     modalities: str = "edge",
     student_trainable: str = "all",
+    parts: str = "control,cp_train,cp_infer,dmd2",
+    context_parallel: int = 2,
+    dmd2_shapes: str = "480p_93f",
+    dmd2_checkpointing: str = "full",
 ) -> list[dict]:
     """Time a control-training step and an inference forward of a preset, optionally against a peer.
 
@@ -293,9 +297,14 @@ def bench(
     (ours), one DMD2 student turn and one critic turn of the DMD2 stage's own code at the full
     backward simulation, and each turn's ratio to the control step (tools/bench_dmd2.py).
 
+    `--mode scale` (under torchrun, 2 or more processes) measures data parallelism (FSDP2) and
+    context parallelism against one GPU in the same run: control-training throughput, DMD2
+    turns, a context-parallel training step and inference per step (tools/bench_scale.py).
+
     Args:
         mode: net (the network against its peer), data (clip decoding throughput), generation
-            (teacher vs student sampling time) or dmd2 (DMD2 turns against the control step).
+            (teacher vs student sampling time), dmd2 (DMD2 turns against the control step) or
+            scale (several GPUs against one).
         preset: network preset (tiny, small, 2b, 14b); the text projection is left out, as in the peer.
         shapes: comma-separated named shapes (480p_93f, 720p_93f) or latent grids TxHxW; none:
             480p_93f for dmd2, else 480p_93f,720p_93f.
@@ -336,7 +345,19 @@ def bench(
         modalities: generation mode: comma-separated control branches, each given random control latents.
         student_trainable: dmd2 mode: the student's trained parameters, all (base + control, the
             2b dmd2 recipe's) or control (the control branch only).
+        parts: scale mode: comma-separated control (data-parallel throughput), cp_train (one
+            sample split across context_parallel ranks), cp_infer (inference per step) and dmd2.
+        context_parallel: scale mode: ranks one sample is split over.
+        dmd2_shapes: scale mode: the shapes of the DMD2 turns (the other parts use --shapes,
+            default 720p_93f).
+        dmd2_checkpointing: scale mode: the DMD2 networks' checkpointing (the dmd2 recipe's full).
     """
+    if mode == "scale":
+        from tools.bench_scale import bench_scale
+
+        ckpt = {"true": "full", "false": "none"}.get(str(checkpointing).lower(), str(checkpointing))
+        return bench_scale(preset, shapes or "720p_93f", dmd2_shapes, steps, device, dtype, ckpt, dmd2_checkpointing,
+                           compile, parts, context_parallel, profile)
     if shapes is None:
         shapes = "480p_93f" if mode == "dmd2" else "480p_93f,720p_93f"
     ckpt = {"true": "full", "false": "none"}.get(str(checkpointing).lower(), str(checkpointing))
@@ -355,7 +376,7 @@ def bench(
         return bench_dmd2(preset, shapes, steps, device, dtype, ckpt, compile, attention_backend, variants,
                           student_trainable, peak_tflops)
     if mode != "net":
-        raise ValueError(f"mode must be net, data, generation or dmd2, got {mode!r}")
+        raise ValueError(f"mode must be net, data, generation, dmd2 or scale, got {mode!r}")
     if peer not in (None, "diffusers"):
         raise ValueError(f"unknown peer {peer!r}; the only peer is 'diffusers'")
     dev = torch.device(device)

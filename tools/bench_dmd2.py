@@ -85,8 +85,10 @@ def cast_inputs(model: Denoiser, dtype: torch.dtype) -> None:
 
 
 def build_stage(preset: str, device: torch.device, dtype: torch.dtype, checkpointing: str, compile: bool,
-                student_trainable: str) -> OnDevice:
-    """The DMD2 stage with the 2b edge dmd2.yaml's settings (see the module docstring)."""
+                student_trainable: str, mesh=None) -> OnDevice:
+    """The DMD2 stage with the 2b edge dmd2.yaml's settings (see the module docstring). With a
+    device `mesh` (tools/bench_scale.py) the networks are sharded as in a `fit` run: FSDP2 over
+    the mesh, fp32 parameters computed in `dtype` by the mixed-precision policy."""
     depth = net_preset(preset).dit.depth
     stage = OnDevice(
         teacher=NetSpec(preset=preset, overrides={"text_proj_in": None}), modality="edge",
@@ -98,6 +100,11 @@ def build_stage(preset: str, device: torch.device, dtype: torch.dtype, checkpoin
         gradient_clip=1.0, max_cond_frames=2, tokenizer=TokenizerSpec(kind="none"), text=TextSpec(encoder="none"),
         sharding=ShardingConfig(checkpointing=checkpointing, compile=compile))  # fmt: skip
     stage.bench_device = device
+    if mesh is not None:
+        stage._device_mesh = mesh
+        stage.sharding.param_dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+        stage.configure_model()
+        return stage
     stage.configure_model()  # builds in float32 (init_weights draws float32), then one cast
     stage.to(dtype)
     if dtype != torch.float32:

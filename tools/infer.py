@@ -5,7 +5,9 @@
 Everything is checked before any work (spec fields, files, prompts against the guardrails): an
 invalid batch writes nothing and exits non-zero, unless `--keep-going` runs the valid specs and
 reports the others at the end. Under torchrun the specs are split across ranks; every output is
-named after its spec, so each file is written once, by one rank. A spec whose `<name>.json`
+named after its spec, so each file is written once, by one rank. With `--context-parallel N`
+(as Transfer2.5's context parallel size) N consecutive ranks run each spec together, its tokens
+split between them (modules/nets/context.py), and the first of them writes the outputs. A spec whose `<name>.json`
 already records the same resolved spec and model is skipped (a rerun finishes a batch).
 """
 
@@ -53,6 +55,7 @@ def infer(
     text_max_length: int | None = None,
     lossless: bool = False,
     overwrite: bool = False,
+    context_parallel: int = 1,
 ) -> int:
     """Generate the videos of one spec (.json) or a batch (.jsonl, one spec per line).
 
@@ -91,6 +94,10 @@ def infer(
         text_max_length: override the prompt length in tokens.
         lossless: also write <name>.mkv (FFV1, lossless) for exact evaluation.
         overwrite: regenerate specs whose outputs already exist.
+        context_parallel: ranks (of a torchrun) that split each spec's tokens between them;
+            must divide the world size and the DiT's attention heads (16 for 2b). The specs are
+            split across the world / N groups; every rank of a group runs the same spec with the
+            same seed.
 
     Returns the number of failed specs (the exit code is non-zero when any failed).
     """
@@ -158,6 +165,11 @@ def infer(
         raise ValueError(f"--offload: unknown component(s) {sorted(unknown)}; choose from {', '.join(COMPONENTS)}")
     if placement and offloaded:
         raise ValueError("--placement and --offload exclude each other (placement keeps every component on its GPU)")
+    if context_parallel < 1 or world % context_parallel:
+        raise ValueError(f"--context-parallel {context_parallel} must divide the number of processes ({world}; "
+                         "start them with torchrun --nproc_per_node)")
+    if placement and context_parallel > 1:
+        raise ValueError("--placement and --context-parallel exclude each other")
 
     # --- devices and the model ----------------------------------------------------------------------
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -176,11 +188,20 @@ def infer(
     dt = {"auto": torch.bfloat16 if devices["dit"].type == "cuda" else torch.float32,
           "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     generator = build_generator(model, settings)
+    writer = True  # this rank writes its specs' outputs (the first rank of a context-parallel group)
+    share, shares = rank, world  # this rank's share of the specs
+    if context_parallel > 1:
+        from trainers.strategy import context_group, context_mesh, data_parallel_rank
+
+        mesh = context_mesh(devices["dit"].type, world // context_parallel, context_parallel)
+        generator.denoiser.set_context_parallel(context_group(mesh))
+        writer = mesh["context_parallel"].get_local_rank() == 0
+        share, shares = data_parallel_rank(mesh)  # specs are split across the groups
     pipe = Pipeline(generator, settings, devices, offloaded, reuse_latents, mode, dt, progress=len(specs) == 1,
                     annotators=annotators)
 
     out_root = Path(output_dir) if output_dir else None
-    mine = specs[rank::world]
+    mine = specs[share::shares]
     errors: list[str] = []
     done = 0
 
@@ -204,6 +225,8 @@ def infer(
             done += 1
 
     def finish(job) -> None:
+        if not writer:
+            return
         pending.append((pool.submit(write_outputs, job, out_dir(job.spec), model, mode, guard, lossless), job.spec))
         while len(pending) > 2:
             written(*pending.pop(0))
@@ -211,6 +234,8 @@ def infer(
     def fail(spec, err) -> None:
         if os.environ.get("VIDISTILL_DEBUG"):
             raise err
+        if not writer:  # the group's writer reports it
+            return
         errors.append(f"spec {spec.name!r} ({spec.source}): {type(err).__name__}: {err}")
 
     todo = [s for s in mine if overwrite or not finished(s, out_dir(s), model, mode)]

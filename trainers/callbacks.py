@@ -9,13 +9,20 @@ buffers of the stage, created in configure_model and updated from its training h
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
+from weakref import proxy
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn as nn
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.tensor import DTensor
 
 from modules.nets import forward_flops
@@ -168,7 +175,9 @@ class Throughput(L.Callback):
                 torch.cuda.synchronize()
             self._t0, self._last_step = time.perf_counter(), trainer.global_step
             return
-        self._samples += _batch_size(batch) * trainer.world_size
+        # data-parallel ranks only: a context-parallel group shares its batch (trainers/strategy.py)
+        dp_world = module.data_rank()[1] if hasattr(module, "data_rank") else trainer.world_size
+        self._samples += _batch_size(batch) * dp_world
         if trainer.global_step % self.every or trainer.global_step == self._last_step:
             return
         if torch.cuda.is_available():
@@ -198,3 +207,212 @@ def _batch_size(batch: dict) -> int:
         if key in batch:
             return len(batch[key])
     return 1
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints that are never taken half-written, and pre-emption
+# --------------------------------------------------------------------------------------------
+
+COMPLETE = "complete.json"
+"""Marker a sharded (DCP) checkpoint directory gets once every rank's files are written."""
+PARTIAL, STALE = ".partial", ".stale"
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint (file, link or directory); a directory loses its marker first, so a
+    deletion cut short never leaves something that reads as complete."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        (path / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (a crash of the node after it must not undo it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Put the finished checkpoint `tmp` at `path`. A file is replaced atomically; a directory
+    cannot replace a non-empty one, so the old one moves aside to `<path>.stale` first (it stays
+    a complete candidate for "last" until the new one is in place)."""
+    if tmp.is_dir():
+        marker = tmp / COMPLETE
+        marker.with_suffix(".tmp").write_text(json.dumps({"path": path.name}))
+        os.replace(marker.with_suffix(".tmp"), marker)
+    if tmp.is_dir() and (path.exists() or path.is_symlink()):
+        stale = path.with_name(path.name + STALE)
+        _remove(stale)
+        os.replace(path, stale)
+        os.replace(tmp, path)
+        _remove(stale)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_atomic(trainer: L.Trainer, path: str | Path, weights_only: bool = False) -> Path:
+    """Save a checkpoint (every rank calls this) so that `path` only ever holds a complete one:
+    written under `<path>.partial`, marked complete by rank 0 after every rank has written its
+    shards, then renamed. A kill at any point leaves the previous checkpoints as they were."""
+    path = Path(path)
+    tmp = path.with_name(path.name + PARTIAL)
+    if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)  # a leftover of a save that was killed
+    trainer.strategy.barrier("save_atomic:clean")
+    trainer.save_checkpoint(tmp, weights_only)  # ends with a barrier: every rank's shards are written
+    if trainer.is_global_zero:
+        _commit(tmp, path)
+    trainer.strategy.barrier("save_atomic:commit")
+    return path
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """Global step of the complete checkpoint at `path`; None when it is not complete."""
+    try:
+        if path.is_dir():
+            if not (path / COMPLETE).is_file():
+                return None
+            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        else:
+            meta = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return int(meta["global_step"])
+    except Exception:  # noqa: BLE001 - any unreadable checkpoint is not a candidate
+        return None
+
+
+def latest_checkpoint(dirpath: str | Path) -> Path | None:
+    """The complete checkpoint with the highest global step in `dirpath` (`*.ckpt` files and
+    marked directories, and a `.stale` one left by a kill between the two renames of `_commit`).
+    Half-written (`.partial`) and unmarked directories are never candidates."""
+    dirpath = Path(dirpath)
+    if not dirpath.is_dir():
+        return None
+    found = []
+    for p in dirpath.iterdir():
+        if not (p.name.endswith(".ckpt") or p.name.endswith(".ckpt" + STALE)):
+            continue
+        step = checkpoint_step(p)
+        if step is not None:
+            found.append((step, not p.name.endswith(STALE), p.stat().st_mtime_ns, p))
+    return max(found)[3] if found else None
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (same arguments) whose saves are atomic (`save_atomic`) and
+    whose "last" (`fit(ckpt_path="last")`, `--ckpt_path last`) is the complete checkpoint of the
+    highest global step in `dirpath`, whatever its name: periodic, last, pre-emption or
+    non-finite stop. Lightning's own picks the newest `last*.ckpt` by modification time and
+    overwrites a sharded `last.ckpt` directory in place, so a kill during that save left a mix of
+    new and old shards that resumed as "last". `vidistill fit` turns a recipe's ModelCheckpoint
+    into this class."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath and Path(self.dirpath).is_dir():
+            for p in Path(self.dirpath).glob("*" + PARTIAL):  # saves that were killed
+                _remove(p)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        # ModelCheckpoint._save_checkpoint with the save made atomic
+        save_atomic(trainer, filepath, self.save_weights_only)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        if trainer.is_global_zero:
+            _remove(Path(filepath))
+
+    def _find_last_checkpoints(self, trainer) -> set[str]:
+        dirpath = self.dirpath or self._ModelCheckpoint__resolve_ckpt_dir(trainer)
+        latest = latest_checkpoint(dirpath)
+        return {str(latest)} if latest is not None else set()
+
+
+def checkpoint_path(trainer: L.Trainer, name: str) -> Path:
+    """`<checkpoint dir>/<name>.ckpt`: the first ModelCheckpoint's directory (where "last" looks),
+    else `<default_root_dir>/checkpoints`."""
+    dirs = [cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    return Path(dirs[0] if dirs else Path(trainer.default_root_dir) / "checkpoints") / f"{name}.ckpt"
+
+
+class Preempted(SystemExit):
+    """Raised on every rank after the pre-emption checkpoint: the process exits with status 0."""
+
+
+class Preemption(L.Callback):
+    """SLURM pre-emption: on `signal_name` (SLURM sends it `--signal=SIGUSR1@120` before the time
+    limit or a pre-emption), at the next batch end every rank saves an atomic checkpoint
+    (`preempted-step=N.ckpt` in the checkpoint directory, which `--ckpt_path last` resumes), rank
+    0 requeues the job with `scontrol requeue $SLURM_JOB_ID` (inside SLURM only), and the run
+    exits (status 0) without validation or export.
+
+    Why not Lightning's SLURM handler: it saves `hpc_ckpt_N.ckpt` from inside the signal handler,
+    i.e. at any point of a step (mid-backward, or between a rank's collectives, which hangs or
+    corrupts sharded saves), non-atomically, keeps training after the requeue until SLURM kills
+    the job, and `--ckpt_path last` never looks at hpc checkpoints. Installed in `setup`, this
+    handler comes first, so Lightning installs no SIGUSR1 handler of its own. The handler only
+    sets a flag; the ranks agree on it with a one-element all-reduce at every batch end, so all
+    of them stop at the same step even when the signal reaches them at different times.
+    """
+
+    def __init__(self, signal_name: str = "SIGUSR1", requeue: bool = True):
+        """
+        Args:
+            signal_name: the signal that announces the end of the allocation (SLURM's --signal).
+            requeue: run `scontrol requeue` (rank 0, when SLURM_JOB_ID is set) after the save.
+        """
+        super().__init__()
+        self.signum, self.requeue = signal.Signals[signal_name], requeue
+        self.received = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self.received = True  # only a flag: the real work happens at a batch boundary
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if stage == "fit" and self._previous is None:
+            self.received = False
+            self._previous = signal.signal(self.signum, self._handler)
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        flag = torch.tensor(float(self.received), device=pl_module.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return
+        for logger in trainer.loggers:
+            logger.finalize("finished")
+        path = save_atomic(trainer, checkpoint_path(trainer, f"preempted-step={trainer.global_step}"))
+        requeued = trainer.is_global_zero and self.requeue and requeue_slurm_job()
+        if trainer.is_global_zero:
+            print(f"pre-empted at step {trainer.global_step}: checkpoint {path}"
+                  + ("; job requeued" if requeued else ""), flush=True)
+        raise Preempted(0)
+
+
+def requeue_slurm_job() -> bool:
+    """`scontrol requeue` this SLURM job (an array task as JOBID_TASKID); False outside SLURM or
+    when the command fails (it is then reported)."""
+    array_job, job = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_JOB_ID")
+    job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else job
+    if not job_id:
+        return False
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode:
+        print(f"scontrol requeue {job_id} failed ({result.returncode}): {result.stderr.strip()}", flush=True)
+    return result.returncode == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
@@ -21,8 +22,9 @@ from modules.pipeline import GenerationSettings
 from modules.text import build_text_encoder
 from modules.tokenizer import build_tokenizer
 
-from .callbacks import EMAWeights
+from .callbacks import EMAWeights, checkpoint_path, save_atomic
 from .fsdp import ShardingConfig, shard_model
+from .strategy import context_group, data_parallel_rank, shard_mesh
 
 
 @dataclass
@@ -102,15 +104,34 @@ def sample_generator(seed: int, step: int, index: int, device: torch.device) -> 
     return torch.Generator(device=device).manual_seed(mixed % (2**63))
 
 
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient (see Stage)."""
+
+
 class Stage(L.LightningModule):
     """Base of the training stages. Subclasses build their networks in `configure_model` with
-    `build_denoiser` and implement training_step."""
+    `build_denoiser` and implement training_step.
+
+    Non-finite steps: a step whose loss (any micro-batch) or gradient is NaN or Inf on any rank
+    is skipped by every rank (the decision is one all-reduce), so no weight, optimizer state or
+    EMA ever takes a non-finite value; skips are counted (`train/nonfinite_skipped`). After
+    `max_nonfinite_steps` skipped steps in a row the run saves a checkpoint and stops with
+    `NonFiniteError`. A skipped step still counts as a step (global_step, the learning-rate
+    schedule and the data position move on), so the per-sample random streams stay as they were.
+    """
 
     def __init__(self, tokenizer: TokenizerSpec, text: TextSpec, optim: OptimSpec, sharding: ShardingConfig,
-                 seed: int, ema_decay: float | None = None, export_to: str | None = None):
+                 seed: int, ema_decay: float | None = None, export_to: str | None = None,
+                 max_nonfinite_steps: int | None = 5):
         super().__init__()
         self.tok_spec, self.text_spec, self.optim_spec, self.sharding, self.seed = tokenizer, text, optim, sharding, seed
         self.ema_decay, self.export_to = ema_decay, export_to
+        if max_nonfinite_steps is not None and max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1 or None, got {max_nonfinite_steps}")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_total = self.nonfinite_run = 0  # skipped steps: since the start, in a row now
+        self._loss_bad: torch.Tensor | None = None  # this rank's losses since the last optimizer step
+        self._skipped_step = False  # the last optimizer step was skipped
         self.ema: EMAWeights | None = None
         self.tokenizer = None if tokenizer.kind == "none" else build_tokenizer(tokenizer.kind, tokenizer.path,
                                                                                    **tokenizer.options)
@@ -147,8 +168,15 @@ class Stage(L.LightningModule):
                              f"{self.text_encoder.out_dim}")
 
     def mesh(self):
-        """The data-parallel mesh networks are sharded over (None without a process group)."""
-        return self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        """The mesh networks are sharded over (None without a process group): data_parallel, or
+        data x context flattened (dp_cp) under context parallelism (trainers/strategy.py)."""
+        return shard_mesh(self.device_mesh)
+
+    def data_rank(self) -> tuple[int, int]:
+        """(rank, size) along the data-parallel dimension: what batches and per-sample random
+        streams follow. The ranks of one context-parallel group share them."""
+        world = self._trainer.world_size if self._trainer is not None else 1
+        return data_parallel_rank(self.device_mesh, self.global_rank, world)
 
     def build_device(self) -> torch.device:
         """Where networks built on the meta device are materialised."""
@@ -172,6 +200,7 @@ class Stage(L.LightningModule):
         elif trainable is not None:
             raise ValueError(f"trainable must be control or all, got {trainable!r}")
         shard_model(model, self.mesh(), self.sharding)
+        model.set_context_parallel(context_group(self.device_mesh))
         model.to_empty(device=self.build_device())
         model.init_weights(self.seed)
         model.init_from = spec.init_from  # a plain attribute: generation_settings inherits from it
@@ -187,9 +216,69 @@ class Stage(L.LightningModule):
         if self.ema_decay:
             self.ema = EMAWeights(model, self.ema_decay)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # The EMA follows each optimizer step here, not in on_train_batch_end: checkpoint callbacks
+        # save at batch end before the module's own hook runs, so an EMA updated there was saved
+        # one step behind and a resumed run lost that update.
+        if self.ema is not None and not self._skipped_step:
             self.ema.update(self.trained_model())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.stop_if_nonfinite()
+
+    # --- non-finite losses and gradients ----------------------------------------------------------
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Note a non-finite loss of this rank (no sync: decided at the optimizer step). A NaN
+        loss does not always give NaN gradients (e.g. a NaN constant term), hence both checks."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Before every optimizer step (automatic and manual optimization alike, before gradient
+        clipping): skip it on every rank if any rank saw a non-finite loss or gradient. Skipping
+        drops the gradients, so the optimizer's step updates nothing (AdamW passes over
+        parameters without a gradient: no weight, moment or weight-decay change)."""
+        self._skipped_step = self.nonfinite_anywhere(optimizer)
+        if self._skipped_step:
+            optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+        else:
+            self.nonfinite_run = 0
+        self.log("train/nonfinite_skipped", float(self.nonfinite_total), reduce_fx="max")
+
+    def nonfinite_anywhere(self, optimizer) -> bool:
+        """Whether any rank has a non-finite loss since its last step or a non-finite gradient of
+        this optimizer's parameters (local shards); one all-reduce, so every rank agrees."""
+        grads = [g.to_local() if isinstance(g, DTensor) else g
+                 for group in optimizer.param_groups for p in group["params"] if (g := p.grad) is not None]
+        flag = torch.zeros((), device=self.device)
+        grads = [g for g in grads if g.numel()]
+        if grads:  # a sum of norms is finite iff every element is (one small kernel per dtype)
+            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            flag = (~torch.isfinite(norms.sum())).float().to(flag.device)
+        if self._loss_bad is not None:
+            flag = torch.maximum(flag, self._loss_bad.float().to(flag.device))
+        self._loss_bad = None
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def stop_if_nonfinite(self) -> None:
+        """After `max_nonfinite_steps` skipped steps in a row: checkpoint the current (finite)
+        state, which `--ckpt_path last` resumes, and stop every rank with NonFiniteError."""
+        if not self.max_nonfinite_steps or self.nonfinite_run < self.max_nonfinite_steps:
+            return
+        step = self.trainer.global_step
+        path = save_atomic(self.trainer, checkpoint_path(self.trainer, f"nonfinite-step={step}"))
+        raise NonFiniteError(
+            f"stopped: {self.nonfinite_run} optimizer steps in a row (steps {step - self.nonfinite_run + 1}.."
+            f"{step}) had a non-finite loss or gradient on at least one rank ({self.nonfinite_total} skipped "
+            f"in all). No weight took a non-finite value; the state after the last good step is saved in "
+            f"{path}. Look for a learning rate that is too high, bf16 overflow or broken data, then resume "
+            f"with --ckpt_path {path} (or last); max_nonfinite_steps sets how many skips in a row are allowed.")
 
     def trained_model(self) -> Denoiser:
         """The network this stage trains (the one EMA tracks and export writes)."""
@@ -208,6 +297,11 @@ class Stage(L.LightningModule):
             checkpoint["ema_of"] = next(n for n, m in self.named_children() if m is self.trained_model())
         checkpoint["trained"] = next(n for n, m in self.named_children() if m is self.trained_model())
         checkpoint["generation"] = asdict(self.generation_settings())
+        checkpoint["nonfinite_skipped"] = self.nonfinite_total
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """The skip count carries over; the count in a row starts again (a resumed run is a new try)."""
+        self.nonfinite_total, self.nonfinite_run = int(checkpoint.get("nonfinite_skipped", 0)), 0
 
     def generation_settings(self) -> GenerationSettings:
         """What inference needs besides the trained network's weights (its generation.json). A
@@ -253,8 +347,8 @@ class Stage(L.LightningModule):
     def sample_index(self, i: int, batch_size: int, micro: int = 0) -> int:
         """Global index of local sample i of accumulation micro-batch `micro`: within an optimizer
         step, micro-batch m of every rank comes before m + 1, and ranks hold consecutive slices."""
-        world = self._trainer.world_size if self._trainer is not None else 1
-        return (micro * world + self.global_rank) * batch_size + i
+        rank, world = self.data_rank()
+        return (micro * world + rank) * batch_size + i
 
     def null_text(self, text: torch.Tensor, mask: torch.Tensor):
         """The null text of the whole batch: CFG's unconditional branch as training dropped to it."""
@@ -276,6 +370,11 @@ class Stage(L.LightningModule):
         else:
             return 0
         return (T // cfg.patch[0]) * (H // cfg.patch[1]) * (W // cfg.patch[2])
+
+    def log_skipped(self, batch: dict) -> None:
+        """Broken samples the datamodule skipped for this batch, summed over ranks (data/skipped)."""
+        if "skipped" in batch:
+            self.log("data/skipped", batch["skipped"].float().sum(), reduce_fx="sum", sync_dist=True)
 
     @staticmethod
     def fps(batch: dict) -> float | None:
@@ -299,7 +398,7 @@ class Stage(L.LightningModule):
         null, null_mask = self.null_text(text, mask)
         cond = Cond(text=text, text_mask=mask, neg_text=null, neg_text_mask=null_mask, controls=controls,
                     fps=self.fps(batch))
-        g = torch.Generator(device=x0.device).manual_seed(seed + 7919 * self.global_rank)
+        g = torch.Generator(device=x0.device).manual_seed(seed + 7919 * self.data_rank()[0])
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         latents = Generator(self.trained_model()).sample(cond, noise, sampler, generator=g)
         return to_uint8(self.tokenizer.decode(latents))

@@ -1,6 +1,6 @@
 """The one attention function every network calls.
 
-Backends (flash, cuDNN, memory-efficient) and, later, context parallelism plug in here and
+Backends (flash, cuDNN, memory-efficient) and context parallelism (context.py) plug in here and
 nowhere else: blocks hand over (B, S, H, D) tensors and get (B, S, H, D) back.
 """
 
@@ -29,8 +29,22 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (B, S, H, D) tensors; `mask` is a bool (B, Sk) key mask (True = attend)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              shard=None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, S, H, D) tensors; `mask` is a bool (B, Sk) key mask (True = attend).
+
+    `shard` (a modules.nets.context.Shard, self-attention only): q, k, v hold this rank's S/cp
+    tokens of a sequence split across a context-parallel group; attention runs over the whole
+    sequence through all-to-alls (context.ulysses_attention) and returns this rank's tokens."""
+    if shard is not None:
+        from .context import ulysses_attention
+
+        return ulysses_attention(q, k, v, mask, shard, _sdpa)
+    return _sdpa(q, k, v, mask)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA on (B, S, H, D) tensors with the pinned backend."""
     if mask is not None:
         mask = mask[:, None, None, :]
     ctx = sdpa_kernel(_BACKENDS[_backend]) if _backend != "auto" and q.is_cuda else contextlib.nullcontext()

@@ -53,7 +53,8 @@ class ControlBranch(nn.Module):
         if C > self.ctrl.channels:
             raise ValueError(f"control latents have {C} channels, the branch takes at most {self.ctrl.channels}")
         control = F.pad(control.to(s.masks.dtype), (0, 0, 0, 0, 0, 0, 0, self.ctrl.channels - C))
-        h = self.before_proj(self.embed(patchify(torch.cat([control, s.masks], dim=1), self.cfg.patch))) + s.x
+        tokens = s.local(patchify(torch.cat([control, s.masks], dim=1), self.cfg.patch))  # this rank's, under CP
+        h = self.before_proj(self.embed(tokens)) + s.x
         out = []
         for block, proj in zip(self.blocks, self.after_proj):
             h = block(h, s)
@@ -79,16 +80,20 @@ def pool_weight(weight: float | torch.Tensor, grid: tuple[int, int, int], batch:
 
 
 def mix_residuals(
-    residuals: list[list[torch.Tensor]], weights: list[float | torch.Tensor], grid: tuple[int, int, int]
+    residuals: list[list[torch.Tensor]], weights: list[float | torch.Tensor], grid: tuple[int, int, int],
+    local=None,
 ) -> list[torch.Tensor]:
     """Per-injection residual sum_i w_i r_i, w_i = control_weight_i * mask_i pooled to the token
-    grid; where sum_i w_i > 1 at a token, every w_i there is divided by that sum (DESIGN.md)."""
+    grid; where sum_i w_i > 1 at a token, every w_i there is divided by that sum (DESIGN.md).
+    `local` (State.local under context parallelism) keeps this rank's tokens of a pooled map."""
     if len(residuals) == 1 and not torch.is_tensor(weights[0]):
         # one branch with a scalar weight: the rule reduces to min(w, 1)
         w0 = min(float(weights[0]), 1.0)
         return residuals[0] if w0 == 1.0 else [r * w0 for r in residuals[0]]
     batch = residuals[0][0].shape[0]
     w = [pool_weight(wi, grid, batch).to(residuals[0][0].device) for wi in weights]
+    if local is not None:
+        w = [wi if wi.shape[1] == 1 else local(wi) for wi in w]
     total = sum(w)
     scale = torch.where(total > 1, total, torch.ones_like(total))
     w = [wi / scale for wi in w]

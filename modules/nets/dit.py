@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .attention import attention
+from .context import Shard, check_heads
 
 
 @dataclass
@@ -76,7 +77,12 @@ class State:
     text: torch.Tensor  # (B, L, text_dim)
     text_mask: torch.Tensor | None  # (B, L) bool
     masks: torch.Tensor  # (B, 2, T, H, W) condition-mask and padding-mask channels
-    grid: tuple[int, int, int]  # token grid (T', H', W')
+    grid: tuple[int, int, int]  # token grid (T', H', W') of the whole sequence
+    shard: Shard | None = None  # context parallelism: x, rope, emb and lora hold this rank's frames
+
+    def local(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's part of (B, S, ...) tokens of the whole grid (all of them without context parallelism)."""
+        return tokens if self.shard is None else self.shard.local(tokens)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -180,12 +186,12 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps, device, dtype)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, shard: Shard | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, -1).unbind(2)
         q = apply_rope(self.q_norm(q), rope)
         k = apply_rope(self.k_norm(k), rope)
-        return self.out(attention(q, k, v).flatten(2))
+        return self.out(attention(q, k, v, shard=shard).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -330,7 +336,7 @@ class Block(nn.Module):
 
     def _forward(self, x: torch.Tensor, s: State) -> torch.Tensor:
         shift, scale, gate = self.mod_sa(s.emb, s.lora)
-        x = gated(x, gate, self.sa(modulate(x, shift, scale), s.rope))
+        x = gated(x, gate, self.sa(modulate(x, shift, scale), s.rope, s.shard))
         shift, scale, gate = self.mod_ca(s.emb, s.lora)
         x = gated(x, gate, self.ca(modulate(x, shift, scale), s.text, s.text_mask))
         shift, scale, gate = self.mod_mlp(s.emb, s.lora)
@@ -371,6 +377,19 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, device, dtype) for _ in range(cfg.depth))
         self.final_mod = AdaLNLoRA(D, cfg.adaln_lora_dim, 2, device, dtype)
         self.final = nn.Linear(D, p * cfg.latent_channels, bias=False, device=device, dtype=dtype)
+        self.context_group = None
+
+    def set_context_parallel(self, group) -> None:
+        """Split every later forward's tokens across `group` (a torch.distributed process group
+        of more than one rank; None turns it off). Inputs and outputs stay whole on every rank:
+        `prepare` keeps this rank's frames, `head` and tapped features gather them back
+        (modules/nets/context.py). Every rank of the group must make the same calls with the
+        same inputs."""
+        if group is not None:
+            check_heads(self.cfg.heads, group)
+            if torch.distributed.get_world_size(group) == 1:
+                group = None
+        self.context_group = group
 
     def prepare(
         self,
@@ -414,13 +433,21 @@ class DiT(nn.Module):
         if self.text_proj is not None:
             text = F.gelu(self.text_proj(text))
         rope = rope_tables(self.cfg, grid, fps, x.device)
-        return State(tokens, emb, lora, rope, text, text_mask, masks, grid)
+        shard = None
+        if self.context_group is not None:
+            shard = Shard.plan(self.context_group, grid, x.device)
+            tokens = shard.local(tokens)
+            rope = tuple(shard.local_table(r) for r in rope)
+            if emb.shape[1] > 1:  # per-frame modulation: this rank's frames
+                emb, lora = shard.local_frames(emb), shard.local_frames(lora)
+        return State(tokens, emb, lora, rope, text, text_mask, masks, grid, shard)
 
     def run_blocks(self, s: State, residuals: dict[int, torch.Tensor] | None = None, taps=None):
         """The trunk; residuals[i] is added to the output of block i (control injection).
 
         With `taps` (block indices) it returns (h, [h after each tapped block]) instead of h and
-        stops after the last tapped block (h is then that block's output)."""
+        stops after the last tapped block (h is then that block's output). Under context
+        parallelism h is this rank's tokens and the tapped features are gathered whole."""
         h, feats = s.x, []
         for i, block in enumerate(self.blocks):
             h = block(h, s)
@@ -430,11 +457,16 @@ class DiT(nn.Module):
                 feats.append(h)
                 if len(feats) == len(set(taps)):
                     break
+        if taps is not None and s.shard is not None:
+            feats = [s.shard.gather(f) for f in feats]
         return h if taps is None else (h, feats)
 
     def head(self, h: torch.Tensor, s: State) -> torch.Tensor:
         shift, scale = self.final_mod(s.emb, s.lora)
-        return unpatchify(self.final(modulate(h, shift, scale)), self.cfg.patch, s.grid)
+        out = self.final(modulate(h, shift, scale))
+        if s.shard is not None:  # gathered after the narrow output projection: p C channels, not dim
+            out = s.shard.gather(out)
+        return unpatchify(out, self.cfg.patch, s.grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, **kwargs) -> torch.Tensor:
         """Velocity prediction without control; see `prepare` for the arguments."""
