@@ -114,8 +114,8 @@ def _draw(frame: np.ndarray, kind: str, cx: float, cy: float, r: float, colour: 
 
 
 def synthetic_clip(rng: random.Random, num_frames: int, height: int, width: int,
-                   floors: Sequence[str] = PATTERNS, floor_colours: Sequence[str] | None = None
-                   ) -> tuple[np.ndarray, str]:
+                   floors: Sequence[str] = PATTERNS, floor_colours: Sequence[str] | None = None,
+                   shape_scale: float = 1.0) -> tuple[np.ndarray, str]:
     """Draw one captioned clip of 1-3 moving, scaling shapes over a textured floor.
 
     Args:
@@ -125,6 +125,8 @@ def synthetic_clip(rng: random.Random, num_frames: int, height: int, width: int,
         width: frame width W in pixels.
         floors: floor patterns to draw from (`FLOORS`: the textures and "plain").
         floor_colours: floor colour names to draw from (`FLOOR_COLOURS`; None: all of them).
+        shape_scale: multiplies every shape's size (1: radii of 7-20% of the shorter side). A
+            tiny model on coarse tokens needs shapes several tokens wide to draw them.
 
     Returns:
         ``(frames, caption)``: frames (T, H, W, 3) uint8 RGB and an English caption.
@@ -135,6 +137,8 @@ def synthetic_clip(rng: random.Random, num_frames: int, height: int, width: int,
     if bad or not floors:
         raise ValueError(f"floors must be a non-empty subset of {FLOORS}, got {list(floors)}")
     _check_colours(floor_colours)
+    if not 0 < shape_scale <= 3:
+        raise ValueError(f"shape_scale must be in (0, 3], got {shape_scale}")
     floor, floor_words = _floor(rng, height, width, floors, floor_colours)
     n = rng.choice((1, 1, 2, 2, 3))
     colours = rng.sample(sorted(SHAPE_COLOURS), n)  # distinct colours: every shape is nameable
@@ -145,7 +149,7 @@ def synthetic_clip(rng: random.Random, num_frames: int, height: int, width: int,
         direction = rng.choice(sorted(DIRECTIONS))
         grows = rng.random() < 0.5
         large = rng.random() < 0.5
-        r0 = side * (rng.uniform(0.14, 0.2) if large else rng.uniform(0.07, 0.11))
+        r0 = shape_scale * side * (rng.uniform(0.14, 0.2) if large else rng.uniform(0.07, 0.11))
         r1 = r0 * (rng.uniform(1.4, 1.8) if grows else rng.uniform(0.45, 0.65))
         dx, dy = DIRECTIONS[direction]
         travel = rng.uniform(0.35, 0.55) * (width if dx else height)
@@ -196,6 +200,7 @@ def write_synthetic_shards(
     resume: bool = True,
     floors: Sequence[str] = PATTERNS,
     floor_colours: Sequence[str] | None = None,
+    shape_scale: float = 1.0,
 ) -> list[str]:
     """Write the synthetic dataset as webdataset shards and return their paths.
 
@@ -221,6 +226,7 @@ def write_synthetic_shards(
         resume: keep shards a previous identical run finished.
         floors: floor patterns to draw from (textures by default; "plain" for outline-only edges).
         floor_colours: floor colours to draw from (None: all of `FLOOR_COLOURS`).
+        shape_scale: multiplies every shape's size (see `synthetic_clip`).
     """
     from datamodules.codec import encode_video
     from datamodules.controls import compute_control
@@ -243,7 +249,8 @@ def write_synthetic_shards(
 
     def build(key: str) -> list[tuple[str, bytes]]:
         index = int(key.rsplit("-", 1)[1])
-        frames, caption = synthetic_clip(_sample_rng(seed, index), num_frames, height, width, floors, floor_colours)
+        frames, caption = synthetic_clip(_sample_rng(seed, index), num_frames, height, width, floors, floor_colours,
+                                         shape_scale)
         meta = {"caption": caption, "fps": float(fps), "frames": num_frames, "width": width, "height": height,
                 "source": "synthetic", "seed": seed, "index": index, "controls": [f"{m}.mp4" for m in controls]}  # fmt: skip
         members = [("mp4", encode_video(frames, fps)), ("txt", caption.encode()), ("json", json.dumps(meta).encode())]
@@ -257,6 +264,8 @@ def write_synthetic_shards(
         config["floors"] = floors
     if floor_colours is not None:
         config["floor_colours"] = floor_colours
+    if shape_scale != 1.0:
+        config["shape_scale"] = shape_scale
     return write_shards(out, keys, build, samples_per_shard, prefix, config, resume, progress,
                         info={"source": "synthetic video", "seed": seed})  # fmt: skip
 

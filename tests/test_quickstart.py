@@ -82,3 +82,20 @@ def test_a_rerun_skips_finished_stages(run, capsys):
         assert f"[quickstart] {stage}: done already" in printed, stage
     after = json.loads((out / "quickstart.json").read_text())["stages"]
     assert after["base"] == before["base"] and after["dmd2"] == before["dmd2"]
+
+
+def test_cuda_runs_the_same_recipes_longer(tmp_path, monkeypatch):
+    """--device cuda: the same recipes on a GPU with about 10x the steps."""
+    import yaml
+
+    from tools.quickstart import BUDGETS, training_config
+
+    monkeypatch.chdir(tmp_path)
+    gpu, cpu = BUDGETS["cuda"]["full"], BUDGETS["cpu"]["full"]
+    base = yaml.safe_load(training_config("base", gpu.base_steps, "cuda").read_text())
+    assert base["trainer"]["accelerator"] == "gpu" and base["trainer"]["max_steps"] == gpu.base_steps
+    assert base["model"]["init_args"]["optim"]["total_steps"] == gpu.base_steps
+    on_cpu = yaml.safe_load(training_config("base", cpu.base_steps, "cpu").read_text())
+    assert on_cpu["trainer"]["accelerator"] == "cpu"
+    assert on_cpu["data"] == base["data"]  # same clips
+    assert gpu.base_steps >= 10 * cpu.base_steps and gpu.control_steps >= 5 * cpu.control_steps

@@ -260,3 +260,15 @@ def test_cli_make_shards(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(["make-shards", "--src", str(tmp_path / "nowhere"), "--out", str(out)])
     assert "does not exist" in str(err.value)
+
+
+def test_shape_scale_grows_every_shape_and_keeps_the_captions():
+    """shape_scale multiplies the shapes' size (more pixels off the floor) and draws the same scene."""
+    def shape_pixels(scale: float) -> tuple[int, str]:
+        frames, caption = synthetic_clip(random.Random(3), 4, 64, 96, ("plain",), ("black",), shape_scale=scale)
+        return int((np.abs(frames.astype(int) - frames[0, 0, 0].astype(int)).sum(-1) > 0).sum()), caption
+
+    (small, c1), (big, c2) = shape_pixels(1.0), shape_pixels(1.8)
+    assert c1 == c2 and big > 2 * small
+    with pytest.raises(ValueError, match="shape_scale"):
+        synthetic_clip(random.Random(3), 4, 64, 96, shape_scale=0)

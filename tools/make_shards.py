@@ -262,6 +262,7 @@ def make_shards(
     controls: str = "edge",
     floors: str = "textured",
     floor_colours: str = "all",
+    shape_scale: float = 1.0,
     latent_shape: str = "16x24x88x160",
     text_shape: str = "512x1024",
     seed: int = 0,
@@ -308,6 +309,8 @@ def make_shards(
         floor_colours: synthetic video: ``all`` or comma-separated floor colours (gray, brown,
             navy, olive, teal, maroon, black); one colour makes the floor predictable without
             the caption (the quickstart's: a tiny model learns it in minutes).
+        shape_scale: synthetic video: multiplies every shape's size (1: radii of 7-20% of the
+            shorter side).
         latent_shape: synthetic latent: ``CxTxHxW`` of each latent (default: Wan2.1 latents
             of a 720p 93-frame clip).
         text_shape: synthetic latent: ``LxD`` of the text embedding (the 2b preset's text
@@ -332,7 +335,7 @@ def make_shards(
             colours = None if floor_colours == "all" else tuple(c.strip() for c in floor_colours.split(",") if c.strip())
             paths = write_synthetic_shards(out, num_samples, samples_per_shard, num_frames, height, width, fps, seed,
                                            mods, progress, prefix=prefix, resume=resume, floors=pats,
-                                           floor_colours=colours)  # fmt: skip
+                                           floor_colours=colours, shape_scale=shape_scale)  # fmt: skip
         elif synthetic == "latent":
             shape = _parse_shape(latent_shape, 4, "latent_shape")
             text = _parse_shape(text_shape, 2, "text_shape")

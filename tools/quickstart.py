@@ -24,29 +24,43 @@ from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
 RUNS = Path("runs/quickstart")
+# the recipes' clip size
+CLIP = ["--num_frames", 4, "--height", 32, "--width", 48]
+# plain black floors: the shapes' outlines are the only edges and every shape colour stands out
+# in gray levels (Canny misses a blue or purple shape on gray); shapes 1.8x the default size, so
+# even a small one spans several 4x4-pixel tokens
+SCENE = ["--floors", "plain", "--floor_colours", "black", "--shape_scale", 1.8]
 
 
 @dataclass
 class Budget:
-    """How much each stage does. `full` is the quickstart; `smoke` checks the plumbing (CI).
-    Clip size is the recipes' (32x48, 4 frames)."""
+    """How much each stage does. `full` is the quickstart; `smoke` checks the plumbing (CI)."""
 
     train_clips: int = 256
     val_clips: int = 16
-    base_steps: int = 200
-    control_steps: int = 200
-    blur_steps: int = 80
-    kd_clips: int = 64
+    base_steps: int = 190
+    control_steps: int = 140
+    blur_steps: int = 30
+    kd_clips: int = 32
     kd_val_clips: int = 8
-    kd_steps: int = 80
-    dmd2_turns: int = 80
+    kd_steps: int = 50
+    dmd2_turns: int = 20
+    val_samples: int = 4
+    """Held-out clips each training stage validates on (loss, sample videos, Edge F1) at its end."""
     specs: int = 8
 
 
+SMOKE = Budget(train_clips=16, val_clips=4, base_steps=2, control_steps=2, blur_steps=2, kd_clips=8,
+               kd_val_clips=2, kd_steps=2, dmd2_turns=6, specs=2, val_samples=2)
 BUDGETS = {
-    "full": Budget(),
-    "smoke": Budget(train_clips=16, val_clips=4, base_steps=2, control_steps=2, blur_steps=2, kd_clips=8,
-                    kd_val_clips=2, kd_steps=2, dmd2_turns=6, specs=2),
+    "cpu": {"full": Budget(), "smoke": SMOKE},
+    # one GPU: the CPU run's clips and networks with about 10x the steps and data, which is what the
+    # tiny networks need to draw the shapes (measured on an H200: 200 base + 200 edge steps give
+    # scattered blocks, 1000 + 500 shapes in patches, 3000 + 1500 whole shapes that follow the edges)
+    "cuda": {"full": Budget(train_clips=2048, val_clips=16, base_steps=3000, control_steps=1500, blur_steps=500,
+                            kd_clips=512, kd_val_clips=16, kd_steps=600, dmd2_turns=400, specs=8,
+                            val_samples=8),
+             "smoke": SMOKE},
 }
 
 
@@ -77,7 +91,7 @@ def cli(*args) -> None:
     main([str(a) for a in args])
 
 
-def training_config(stage: str, steps: int, device: str) -> Path:
+def training_config(stage: str, steps: int, device: str, val_samples: int | None = None) -> Path:
     """The recipe with this run's budget: max_steps, the LR schedule's length, when to validate and
     checkpoint. Written next to the runs, for the record."""
     import yaml
@@ -89,6 +103,8 @@ def training_config(stage: str, steps: int, device: str) -> Path:
     trainer["log_every_n_steps"] = max(1, min(trainer.get("log_every_n_steps", 50), steps // 25))
     if device == "cuda":
         trainer["accelerator"] = "gpu"
+    if val_samples is not None:
+        recipe["data"]["init_args"]["val_samples"] = val_samples
     for cb in trainer.get("callbacks", []):
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["every_n_train_steps"] = steps
@@ -104,9 +120,9 @@ def training_config(stage: str, steps: int, device: str) -> Path:
     return path
 
 
-def fit(stage: str, steps: int, device: str) -> None:
+def fit(stage: str, steps: int, device: str, val_samples: int | None = None) -> None:
     """`vidistill fit` of a quickstart recipe; resumes from the stage's last checkpoint if one exists."""
-    config = training_config(stage, steps, device)
+    config = training_config(stage, steps, device, val_samples)
     last = RUNS / stage / "checkpoints" / "last.ckpt"
     cli("fit", "--config", config, *(["--ckpt_path", last] if last.exists() else []))
 
@@ -121,20 +137,18 @@ def quickstart(*, out: str = "quickstart", device: str = "cpu", budget: str = "f
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    if budget not in BUDGETS[device]:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS[device])}, got {budget!r}")
     if not RECIPES.is_dir():
         raise FileNotFoundError(f"{RECIPES} not found: quickstart runs from a source checkout (pip install -e .)")
-    b = BUDGETS[budget]
+    b = BUDGETS[device][budget]
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     state_file = root / "quickstart.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"stages": {}}
     state.update(budget=asdict(b), device=device, machine=f"{platform.machine()}, {os.cpu_count()} cores")
     data = RUNS / "data"
-    # the recipes' clip size; plain gray floors so the floor is predictable without the caption
-    size = ["--num_frames", 4, "--height", 32, "--width", 48, "--controls", "", "--floors", "plain",
-            "--floor_colours", "gray", "--progress", "false"]
+    size = [*CLIP, "--controls", "", *SCENE, "--progress", "false"]
     out_dir = RUNS / "out"
     specs = RUNS / "specs"
     stages = [
@@ -142,14 +156,14 @@ def quickstart(*, out: str = "quickstart", device: str = "cpu", budget: str = "f
                               b.train_clips, *size),
                           cli("make-shards", "--synthetic", "video", "--out", data / "val", "--num_samples",
                               b.val_clips, "--seed", 1, "--prefix", "val", *size)), None),
-        ("base", lambda: fit("base", b.base_steps, device), RUNS / "base/export"),
-        ("edge", lambda: fit("edge", b.control_steps, device), RUNS / "edge/export"),
-        ("blur", lambda: fit("blur", b.blur_steps, device), RUNS / "blur/export"),
+        ("base", lambda: fit("base", b.base_steps, device, b.val_samples), RUNS / "base/export"),
+        ("edge", lambda: fit("edge", b.control_steps, device, b.val_samples), RUNS / "edge/export"),
+        ("blur", lambda: fit("blur", b.blur_steps, device, b.val_samples), RUNS / "blur/export"),
         ("kd_data", lambda: (cli("make-kd-data", "--config", RECIPES / "kd_data.yaml", "--num_samples", b.kd_clips),
                              cli("make-kd-data", "--config", RECIPES / "kd_data.yaml", "--shards", data / "val",
                                  "--out", RUNS / "kd/val", "--num_samples", b.kd_val_clips)), None),
-        ("kd", lambda: fit("kd", b.kd_steps, device), RUNS / "kd/export"),
-        ("dmd2", lambda: fit("dmd2", b.dmd2_turns, device), RUNS / "dmd2/export"),
+        ("kd", lambda: fit("kd", b.kd_steps, device, b.val_samples), RUNS / "kd/export"),
+        ("dmd2", lambda: fit("dmd2", b.dmd2_turns, device, b.val_samples), RUNS / "dmd2/export"),
         ("consolidate", lambda: cli("consolidate", RUNS / "dmd2/checkpoints/last.ckpt", "--out",
                                     RUNS / "dmd2/consolidated"), RUNS / "dmd2/consolidated/student"),
         ("combine", lambda: cli("combine", RUNS / "base/export", "--control",

@@ -18,7 +18,8 @@ GAP = 4
 
 
 def scalars(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """train/* curves of a stage from its TensorBoard logs (all versions: a resumed run adds one)."""
+    """train/* loss curves of a stage from its TensorBoard logs (all versions: a resumed run adds
+    one); counters such as train/nonfinite_skipped are left out (they belong in TensorBoard)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     curves: dict[str, dict[int, float]] = {}
@@ -26,7 +27,7 @@ def scalars(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
         acc = EventAccumulator(str(events))
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
-            if tag.startswith("train/"):
+            if tag.startswith("train/") and tag != "train/nonfinite_skipped":
                 curves.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
     return {tag: sorted(points.items()) for tag, points in curves.items()}
 
