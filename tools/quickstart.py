@@ -54,7 +54,7 @@ SMOKE = Budget(train_clips=16, val_clips=4, base_steps=2, control_steps=2, blur_
                kd_val_clips=2, kd_steps=2, dmd2_turns=6, specs=2, val_samples=2)
 BUDGETS = {
     "cpu": {"full": Budget(), "smoke": SMOKE},
-    # one GPU: the CPU run's clips and networks with about 10x the steps and data, which is what the
+    # one GPU: the CPU run's clips and networks with about 15x the steps and 8x the clips, what the
     # tiny networks need to draw the shapes (measured on an H200: 200 base + 200 edge steps give
     # scattered blocks, 1000 + 500 shapes in patches, 3000 + 1500 whole shapes that follow the edges)
     "cuda": {"full": Budget(train_clips=2048, val_clips=16, base_steps=3000, control_steps=1500, blur_steps=500,

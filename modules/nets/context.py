@@ -38,30 +38,17 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """(B, S/cp, H, D) local tokens of all heads -> (B, S, H/cp, D) all tokens of local heads."""
+class _AllToAll(torch.autograd.Function):
+    """seq_to_heads (to_heads=True) or heads_to_seq with autograd: each one's backward is the other."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return seq_to_heads(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    """The inverse: (B, S, H/cp, D) -> (B, S/cp, H, D)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return heads_to_seq(x, group)
+    def forward(ctx, x: torch.Tensor, group, to_heads: bool) -> torch.Tensor:
+        ctx.group, ctx.to_heads = group, to_heads
+        return (seq_to_heads if to_heads else heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return seq_to_heads(grad, ctx.group), None
+        return (heads_to_seq if ctx.to_heads else seq_to_heads)(grad, ctx.group), None, None
 
 
 def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
@@ -173,9 +160,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         raise ValueError(f"context parallel size {shard.size} must divide the number of heads ({heads})")
     if mask is not None:
         raise ValueError("a key mask on context-parallel self-attention is not supported (padding is masked by the shard)")
-    q, k, v = (_SeqToHeads.apply(t, shard.group) for t in (q, k, v))
+    q, k, v = (_AllToAll.apply(t, shard.group, True) for t in (q, k, v))
     out = attend(q, k, v, shard.key_mask)
-    return _HeadsToSeq.apply(out, shard.group)
+    return _AllToAll.apply(out, shard.group, False)
 
 
 def check_heads(heads: int, group) -> None:
