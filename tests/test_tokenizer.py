@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import sys
@@ -219,6 +220,23 @@ def test_wan_normalisation_matches_diffusers(wan: tuple[Path, nn.Module]) -> Non
         lat = torch.randn(1, 4, 2, 2, 2)
         torch.testing.assert_close(tok.decode(lat), vae.decode(lat * std + mean).sample, rtol=0, atol=1e-6)
     assert tok.decode(z).shape == x.shape
+
+
+def test_wan_channels_last_and_compiled_decoder_decode_the_same(wan: tuple[Path, nn.Module]) -> None:
+    # the decode speed options (docs/benchmarks.md) must not change what is decoded; aot_eager runs
+    # Dynamo's capture of diffusers' per-frame decoder loop and its cache, without inductor's
+    # minutes of CPU compilation
+    vae = wan[1]
+    plain = WanTokenizer(vae=copy.deepcopy(vae))
+    fast = WanTokenizer(vae=copy.deepcopy(vae), channels_last=True, compile="aot_eager")
+    conv = next(m for m in fast.vae.decoder.modules() if isinstance(m, nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    lat = torch.randn(1, 4, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    expected = plain.decode(lat)
+    for _ in range(2):  # the second call runs the graphs the first compiled
+        torch.testing.assert_close(fast.decode(lat), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one of path"):
+        WanTokenizer()
 
 
 def test_wan_rules_dtype_and_errors(wan: tuple[Path, nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -275,6 +275,8 @@ def bench(
     guidance: float = 3.0,
     student_steps: int = 4,
     decode: str = "wan2.1",
+    decode_channels_last: bool = False,
+    decode_compile: bool = False,
     modalities: str = "edge",
     student_trainable: str = "all",
     parts: str = "control,cp_train,cp_infer,dmd2",
@@ -342,6 +344,9 @@ def bench(
         guidance: generation mode: the teacher's CFG weight (0: one network call per step, else two).
         student_steps: generation mode: student steps, t-list evenly spaced from 1.0 down.
         decode: generation mode: wan2.1 (random full-size VAE, needs diffusers), pixel (CPU tests) or none.
+        decode_channels_last: generation mode: the Wan VAE's 3D convolutions run channels-last
+            (WanTokenizer's `channels_last`).
+        decode_compile: generation mode: torch.compile the Wan VAE's decoder (WanTokenizer's `compile`).
         modalities: generation mode: comma-separated control branches, each given random control latents.
         student_trainable: dmd2 mode: the student's trained parameters, all (base + control, the
             2b dmd2 recipe's) or control (the control branch only).
@@ -369,7 +374,8 @@ def bench(
         from tools.bench_generation import bench_generation
 
         return bench_generation(preset, shapes, steps, device, dtype, teacher_steps, guidance, student_steps,
-                                decode, modalities, attention_backend)
+                                decode, modalities, attention_backend, compile=compile,
+                                decode_channels_last=decode_channels_last, decode_compile=decode_compile)
     if mode == "dmd2":
         from tools.bench_dmd2 import bench_dmd2
 

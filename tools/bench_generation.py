@@ -7,8 +7,8 @@ no CFG). Text embeddings and control latents are given as random tensors, as if 
 encoded; the final latents are then decoded by a randomly initialised full-size Wan2.1 VAE
 (`--decode wan2.1`), the pixel tokenizer (`pixel`, for CPU smoke tests) or not at all (`none`).
 Times are medians over `steps` runs; end to end = denoise + decode. The warm-up before them is
-one sampling step of the same sampler (the same network calls and kernels) and one decode of the
-first two latent frames, not a whole run: a 35-step CFG teacher at 720p runs for minutes.
+one sampling step of the same sampler (the same network calls and kernels), not a whole run (a
+35-step CFG teacher at 720p runs for minutes), and one whole decode (two with `decode_compile`).
 """
 
 from __future__ import annotations
@@ -26,15 +26,17 @@ from modules.denoiser import Cond, Denoiser
 from modules.generator import Generator, SamplerConfig
 from modules.nets import preset as net_preset
 from modules.nets import set_backend
-from modules.tokenizer import build_tokenizer
+from modules.tokenizer import WanTokenizer, build_tokenizer
 from tools.bench import TEXT_TOKENS, parse_shape, peak_gib, reset_peak, timed
 
 DECODERS = ("wan2.1", "pixel", "none")
 Decoder = tuple[Callable[[torch.Tensor], torch.Tensor] | None, int | None, int, int]
 
 
-def make_decoder(kind: str, device: torch.device, dtype: torch.dtype) -> Decoder:
-    """(decode, latent_channels, temporal_factor, spatial_factor); decode and channels None for `none`."""
+def make_decoder(kind: str, device: torch.device, dtype: torch.dtype, channels_last: bool = False,
+                 compile: bool = False) -> Decoder:
+    """(decode, latent_channels, temporal_factor, spatial_factor); decode and channels None for `none`.
+    `channels_last` and `compile` are WanTokenizer's options of the same names (wan2.1 only)."""
     if kind == "none":
         return None, None, 1, 1
     if kind == "pixel":
@@ -46,17 +48,10 @@ def make_decoder(kind: str, device: torch.device, dtype: torch.dtype) -> Decoder
         from diffusers import AutoencoderKLWan
     except ImportError as e:
         raise ImportError('--decode wan2.1 needs diffusers: pip install -e ".[wan]"') from e
-    # build_tokenizer("wan2.1") insists on local weights; the default config *is* the full-size
-    # Wan2.1 VAE, and random weights decode in the same time
-    vae = AutoencoderKLWan().to(device, dtype).eval()
-    c = vae.config
-    mean = torch.tensor(c.latents_mean, device=device, dtype=torch.float32).view(1, -1, 1, 1, 1)
-    std = torch.tensor(c.latents_std, device=device, dtype=torch.float32).view(1, -1, 1, 1, 1)
-
-    def decode(z: torch.Tensor) -> torch.Tensor:  # as WanTokenizer._decode
-        return vae.decode((z.float() * std + mean).to(dtype), return_dict=False)[0]
-
-    return decode, int(c.z_dim), int(c.scale_factor_temporal), int(c.scale_factor_spatial)
+    # the default config *is* the full-size Wan2.1 VAE, and random weights decode in the same time;
+    # decoding goes through WanTokenizer, as `vidistill infer` decodes
+    tok = WanTokenizer(vae=AutoencoderKLWan().to(device, dtype), channels_last=channels_last, compile=compile)
+    return tok.to(device).decode, tok.latent_channels, tok.temporal_factor, tok.spatial_factor
 
 
 def _sig(x: float) -> float:
@@ -67,16 +62,18 @@ def _sig(x: float) -> float:
 def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 1, device: str = "cuda",
                      dtype: str = "bfloat16", teacher_steps: int = 35, guidance: float = 3.0, student_steps: int = 4,
                      decode: str = "wan2.1", modalities: str = "edge", attention_backend: str = "auto",
-                     compile: bool = False) -> list[dict]:
+                     compile: bool = False, decode_channels_last: bool = False,
+                     decode_compile: bool = False) -> list[dict]:
     """Time teacher and student sampling (+ decoding) per shape; print JSON rows and a table; return
-    the rows. `compile`: torch.compile each block (inductor), as `sharding.compile` in training."""
+    the rows. `compile`: torch.compile each block (inductor), as `sharding.compile` in training.
+    `decode_channels_last`, `decode_compile`: WanTokenizer's `channels_last` and `compile`."""
     if decode not in DECODERS:
         raise ValueError(f"unknown decode {decode!r}; choose one of {', '.join(DECODERS)}")
     if teacher_steps < 1 or student_steps < 1 or steps < 1:
         raise ValueError("teacher_steps, student_steps and steps must be >= 1")
     dev = torch.device(device)
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    decode_fn, channels, tf, sf = make_decoder(decode, dev, dt)
+    decode_fn, channels, tf, sf = make_decoder(decode, dev, dt, decode_channels_last, decode_compile)
     overrides = {"latent_channels": channels} if channels else {}
     cfg = net_preset(preset, text_proj_in=None, **overrides)
     cfg.modalities = [m for m in modalities.split(",") if m]
@@ -95,6 +92,7 @@ def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 
                   python=platform.python_version(),
                   device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
                   preset=preset, dtype=dtype, modalities=cfg.modalities, decode=decode, compile=compile,
+                  decode_channels_last=decode_channels_last, decode_compile=decode_compile,
                   attention_backend=attention_backend,
                   samplers={k: dataclasses.asdict(v) for k, v in samplers.items()},
                   config=dataclasses.asdict(cfg.dit), control=dataclasses.asdict(cfg.control))
@@ -119,8 +117,9 @@ def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 
             reset_peak(dev)
             denoise_s = timed(denoise, steps, dev, warmup=lambda: gen.sample(cond, noise, one_step, generator=g))
             with torch.no_grad():
-                decode_s = timed(lambda: decode_fn(out["x0"]), steps, dev,
-                                 warmup=lambda: decode_fn(out["x0"][:, :, :2])) if decode_fn else 0.0
+                # a compiled decoder settles over two whole decodes (static shapes, then dynamic ones)
+                warm = lambda: [decode_fn(out["x0"]) for _ in range(1 + decode_compile)]  # noqa: E731
+                decode_s = timed(lambda: decode_fn(out["x0"]), steps, dev, warmup=warm) if decode_fn else 0.0
             mem = peak_gib(dev)
             rows.append(dict(shape=shape, impl=impl, video=video, nfe=nfe[impl], denoise_s=_sig(denoise_s),
                              decode_s=_sig(decode_s), total_s=_sig(denoise_s + decode_s),
