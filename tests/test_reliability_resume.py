@@ -38,13 +38,6 @@ def inputs(tmp_path_factory):
 
 def config(stage: str, root: Path, inputs: dict, **kw) -> Path:
     data = inputs["kd"] if stage == "kd" else inputs["video"]
-    if stage == "dmd2":
-        # NOT under FSDP2: on ONE process, torch 2.14's FSDP2 builds a network's gathered parameters
-        # on a storage it cannot free again, so a checkpoint taken while one is gathered (a
-        # network whose last forward had no backward: the teacher, the student after a critic
-        # turn) fails with "Trying to resize storage that is not resizable". Open; DMD2's resume
-        # is tested on the single-device strategy until then.
-        kw["trainer"] = {"strategy": "auto"}
     return recipe(stage, root, data, inputs["teacher"], steps=STEPS, every=EVERY, **kw)
 
 

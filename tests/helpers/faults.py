@@ -41,7 +41,9 @@ def digest(module: torch.nn.Module) -> str:
     for name, p in sorted(module.named_parameters()):
         if p.requires_grad:
             local = p.to_local() if isinstance(p, DTensor) else p
-            h.update(name.encode() + local.detach().cpu().contiguous().numpy().tobytes())
+            # clone first: .numpy() marks a tensor's storage as not resizable, and on one process
+            # FSDP2 hands out its gathered parameters, whose storage it frees by resizing
+            h.update(name.encode() + local.detach().cpu().clone().numpy().tobytes())
     return h.hexdigest()
 
 
