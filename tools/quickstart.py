@@ -106,7 +106,7 @@ def training_config(stage: str, steps: int, device: str, val_samples: int | None
     if val_samples is not None:
         recipe["data"]["init_args"]["val_samples"] = val_samples
     for cb in trainer.get("callbacks", []):
-        if cb["class_path"].endswith("ModelCheckpoint"):
+        if cb["class_path"].endswith(("ModelCheckpoint", "AtomicCheckpoint")):
             cb["init_args"]["every_n_train_steps"] = steps
     if "optim" in model:
         model["optim"]["total_steps"] = steps
