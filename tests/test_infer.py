@@ -108,6 +108,23 @@ def evaluate_dir(out, dest):
     return evaluate([str(out)], out=str(dest))
 
 
+def test_compiled_blocks_generate_the_same_video(model, clips, tmp_path):
+    # `--compile` compiles every DiT block; aot_eager runs Dynamo's capture of them without
+    # inductor's minutes of CPU compilation. Lossless outputs compare the generated frames.
+    (clips / "spec.json").write_text(MULTICONTROL)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    videos = {}
+    for flag in ("false", "aot_eager"):
+        out = tmp_path / flag
+        assert run_infer("-i", clips / "spec.json", "-o", out, "--model", model, "--disable-guardrails",
+                         "--lossless", "true", "--compile", flag) == 0
+        videos[flag] = decode_video((out / "multi.mkv").read_bytes())[0].astype(int)
+    assert counters["stats"]["unique_graphs"] > 0  # the second run did compile
+    assert np.abs(videos["false"] - videos["aot_eager"]).max() <= 1  # rounding to 8 bits at most
+
+
 def test_the_mask_and_weights_change_the_video(model, clips):
     specs, _ = load_specs(_write(clips, MULTICONTROL))
     settings = GenerationSettings.load(model)
