@@ -342,10 +342,11 @@ class WanTokenizer(_NormalisedTokenizer):
     ``dtype`` loads the weights in that dtype (e.g. ``torch.bfloat16`` for 720p);
     ``tiling=True`` enables diffusers' spatially tiled encode/decode to bound activation memory.
     ``channels_last=True`` stores the 3D convolutions' weights and the latents channels-last, and
-    ``compile=True`` compiles the decoder (torch.compile, inductor; a string names another backend);
-    docs/benchmarks.md measures both on the 720p decode: 1.11x channels-last alone, 1.76x both,
-    after a first decode that compiles for about 1.5 minutes. ``vae`` wraps an ``AutoencoderKLWan`` already built instead of loading
-    ``path`` (benchmarks time a randomly initialised one).
+    ``compile=True`` compiles the decoder (torch.compile, inductor; a string names another
+    backend). On the 720p decode (docs/benchmarks.md) channels-last alone is 1.11x and both 1.76x,
+    after a first decode that compiles for about 1.5 minutes. ``vae`` wraps an ``AutoencoderKLWan``
+    already built instead of loading ``path`` (benchmarks time a randomly initialised one); ``dtype``
+    then does not apply.
     """
 
     def __init__(
