@@ -357,15 +357,14 @@ def bench(
             default 720p_93f).
         dmd2_checkpointing: scale mode: the DMD2 networks' checkpointing (the dmd2 recipe's full).
     """
+    ckpt = {"true": "full", "false": "none"}.get(str(checkpointing).lower(), str(checkpointing))
     if mode == "scale":
         from tools.bench_scale import bench_scale
 
-        ckpt = {"true": "full", "false": "none"}.get(str(checkpointing).lower(), str(checkpointing))
         return bench_scale(preset, shapes or "720p_93f", dmd2_shapes, steps, device, dtype, ckpt, dmd2_checkpointing,
                            compile, parts, context_parallel, profile)
     if shapes is None:
         shapes = "480p_93f" if mode == "dmd2" else "480p_93f,720p_93f"
-    ckpt = {"true": "full", "false": "none"}.get(str(checkpointing).lower(), str(checkpointing))
     if mode == "data":
         from tools.bench_data import bench_data
 

@@ -92,6 +92,14 @@ def slowest(seconds: float, device: torch.device) -> float:
     return t.item()
 
 
+def from_rank0(value):
+    """Rank 0's `value` on every rank, once rank 0 has measured alone (the others wait here)."""
+    dist.barrier()
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def solo_mesh(device_type: str):
     """A one-rank mesh of rank 0 (every rank must call it; the others get None)."""
     from torch.distributed.device_mesh import DeviceMesh
@@ -155,10 +163,7 @@ def bench_scale(preset: str = "2b", shapes: str = "720p_93f", dmd2_shapes: str =
                     samples_per_s=round(1 / t, 4), ratio=1.0)
             del stage, opt
             free(dev)
-        dist.barrier()
-        one = [one]
-        dist.broadcast_object_list(one, src=0)
-        one = one[0]
+        one = from_rank0(one)
         stage, opt = control_stage(preset, dev, checkpointing, compile, pair, dtype)
         for shape, grid in grids.items():
             if "control" in wanted:
@@ -205,28 +210,26 @@ def bench_scale(preset: str = "2b", shapes: str = "720p_93f", dmd2_shapes: str =
                 t1, mem = measure(sample, steps)
                 add(part="cp_infer", shape=shape, gpus=1, layout="1 GPU", seconds=round(t1 / steps_per, 3),
                     peak_GiB=mem and round(mem, 1), samples_per_s=None, ratio=1.0)
-            dist.barrier()
-            t1 = [t1]
-            dist.broadcast_object_list(t1, src=0)
+            t1 = from_rank0(t1)
             model.set_context_parallel(context_group(cp_mesh))
             t, mem = measure(sample, steps)
             t = slowest(t, dev)
             model.set_context_parallel(None)
             add(part="cp_infer", shape=shape, gpus=world, layout=f"context {context_parallel}",
                 seconds=round(t / steps_per, 3), peak_GiB=mem and round(mem, 1), samples_per_s=None,
-                ratio=round(t / t1[0], 3))
+                ratio=round(t / t1, 3))
         del model, gen
         free(dev)
 
     if "dmd2" in wanted:
-        rows += bench_dmd2_scale(preset, dmd2_shapes, steps, dev, dt, dmd2_checkpointing, compile, solo, pair, add)
+        bench_dmd2_scale(preset, dmd2_shapes, steps, dev, dt, dmd2_checkpointing, compile, solo, pair, add)
     if rank == 0:
         print(format_tables(rows), flush=True)
     dist.barrier()
     return rows
 
 
-def bench_dmd2_scale(preset, shapes, steps, dev, dt, checkpointing, compile, solo, pair, add) -> list[dict]:
+def bench_dmd2_scale(preset, shapes, steps, dev, dt, checkpointing, compile, solo, pair, add) -> None:
     """DMD2 student and critic turns, FSDP2 on one GPU against all ranks (rows go through `add`)."""
     from tools.bench_dmd2 import build_stage, full_simulation_turns, prime_optimizers, turn_step
 
@@ -256,10 +259,7 @@ def bench_dmd2_scale(preset, shapes, steps, dev, dt, checkpointing, compile, sol
         free(dev)
         return out
 
-    one = [run(solo, 0) if rank == 0 else None]
-    dist.barrier()
-    dist.broadcast_object_list(one, src=0)
-    one = one[0]
+    one = from_rank0(run(solo, 0) if rank == 0 else None)
     for (shape, entry), (t, mem) in one.items():
         add(part="dmd2", entry=entry, shape=shape, gpus=1, layout="1 GPU", seconds=round(t, 3),
             peak_GiB=mem and round(mem, 1), samples_per_s=round(1 / t, 4), ratio=1.0)
@@ -268,7 +268,6 @@ def bench_dmd2_scale(preset, shapes, steps, dev, dt, checkpointing, compile, sol
         t = slowest(t, dev)
         add(part="dmd2", entry=entry, shape=shape, gpus=world, layout=f"FSDP2 data x{world}", seconds=round(t, 3),
             peak_GiB=mem and round(mem, 1), samples_per_s=round(world / t, 4), ratio=round(one[shape, entry][0] / t, 3))
-    return []
 
 
 def write_profile(step, dev: torch.device, folder: str, name: str, rank: int, top: int = 25) -> None:

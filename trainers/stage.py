@@ -252,10 +252,10 @@ class Stage(L.LightningModule):
     def nonfinite_anywhere(self, optimizer) -> bool:
         """Whether any rank has a non-finite loss since its last step or a non-finite gradient of
         this optimizer's parameters (local shards); one all-reduce, so every rank agrees."""
-        grads = [g.to_local() if isinstance(g, DTensor) else g
-                 for group in optimizer.param_groups for p in group["params"] if (g := p.grad) is not None]
+        local = (g.to_local() if isinstance(g, DTensor) else g
+                 for group in optimizer.param_groups for p in group["params"] if (g := p.grad) is not None)
+        grads = [g for g in local if g.numel()]
         flag = torch.zeros((), device=self.device)
-        grads = [g for g in grads if g.numel()]
         if grads:  # a sum of norms is finite iff every element is (one small kernel per dtype)
             norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
             flag = (~torch.isfinite(norms.sum())).float().to(flag.device)

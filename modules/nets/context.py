@@ -154,10 +154,8 @@ class Shard:
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       shard: Shard, attend) -> torch.Tensor:
     """Self-attention over the whole sequence of (B, S/cp, H, D) shards: all-to-all to all
-    tokens of H/cp heads, `attend` (the local SDPA) with the padding key mask, all-to-all back."""
-    heads = q.shape[2]
-    if heads % shard.size:
-        raise ValueError(f"context parallel size {shard.size} must divide the number of heads ({heads})")
+    tokens of H/cp heads, `attend` (the local SDPA) with the padding key mask, all-to-all back.
+    H must divide by cp (`check_heads`, run when a network gets its group)."""
     if mask is not None:
         raise ValueError("a key mask on context-parallel self-attention is not supported (padding is masked by the shard)")
     q, k, v = (_AllToAll.apply(t, shard.group, True) for t in (q, k, v))
