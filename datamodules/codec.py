@@ -54,8 +54,12 @@ __all__ = [
 # lossless, for evaluating generated videos exactly (metrics on tiny clips are codec-sensitive)
 # VP8 WebM plays in browsers too and encodes ~6x faster than VP9 (OpenCV exposes no VP9 speed
 # setting): what inference writes long videos with
-CODECS: dict[str, tuple[str, str]] = {"mp4v": (".mp4", "mp4v"), "vp9": (".webm", "VP90"), "ffv1": (".mkv", "FFV1"),
-                                      "vp8": (".webm", "VP80")}
+CODECS: dict[str, tuple[str, str]] = {
+    "mp4v": (".mp4", "mp4v"),
+    "vp9": (".webm", "VP90"),
+    "ffv1": (".mkv", "FFV1"),
+    "vp8": (".webm", "VP80"),
+}
 _SUFFIX_CODECS = {".mp4": "mp4v", ".webm": "vp9", ".mkv": "ffv1"}
 
 
@@ -234,9 +238,7 @@ def clip_indices(
     return [start + o for o in offsets]
 
 
-def _clip_offsets(
-    num_frames: int, stride: int, src_fps: float | None, target_fps: float | None
-) -> list[int]:
+def _clip_offsets(num_frames: int, stride: int, src_fps: float | None, target_fps: float | None) -> list[int]:
     """Offsets from the clip start (the first is 0)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -252,9 +254,7 @@ def _clip_offsets(
     return [math.floor(i * step + 0.5) for i in range(num_frames)]
 
 
-def resize_crop(
-    frames: np.ndarray, height: int, width: int, interpolation: int = cv2.INTER_AREA
-) -> np.ndarray:
+def resize_crop(frames: np.ndarray, height: int, width: int, interpolation: int = cv2.INTER_AREA) -> np.ndarray:
     """Scale `frames` to cover ``(height, width)`` and center-crop the excess (aspect kept).
 
     Works on ``(T, H, W, C)`` and ``(T, H, W)``, any dtype OpenCV resizes. Implemented as crop
@@ -363,8 +363,7 @@ def _check_frames_to_encode(frames: np.ndarray, fps: float) -> None:
         raise ValueError("cannot encode a video with no frames")
     if height % 2 or width % 2:
         raise ValueError(
-            f"width and height must be even for 4:2:0 video, got {height}x{width}"
-            " (resize_crop to an even size first)"
+            f"width and height must be even for 4:2:0 video, got {height}x{width} (resize_crop to an even size first)"
         )
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")

@@ -193,9 +193,7 @@ class _BlurParams:
     gaussian: tuple[int, float] | None  # ksize, sigma
 
 
-def blur(
-    frames: np.ndarray, preset: str | None = "medium", rng: random.Random | None = None
-) -> np.ndarray:
+def blur(frames: np.ndarray, preset: str | None = "medium", rng: random.Random | None = None) -> np.ndarray:
     """The blur ("vis") control of `frames`, ``(T, H, W, 3)`` uint8.
 
     rng None: the preset's fixed (Transfer2.5 inference) parameters. rng given: random
@@ -279,9 +277,26 @@ def _odd(x: float) -> int:
 # COCO's 17 keypoints: 0 nose, 1/2 eyes, 3/4 ears, 5/6 shoulders, 7/8 elbows, 9/10 wrists,
 # 11/12 hips, 13/14 knees, 15/16 ankles (left, right). Limbs as in COCO's person skeleton.
 COCO_SKELETON: tuple[tuple[int, int], ...] = (
-    (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7),
-    (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
-)  # fmt: skip
+    (15, 13),
+    (13, 11),
+    (16, 14),
+    (14, 12),
+    (11, 12),
+    (5, 11),
+    (6, 12),
+    (5, 6),
+    (5, 7),
+    (6, 8),
+    (7, 9),
+    (8, 10),
+    (1, 2),
+    (0, 1),
+    (0, 2),
+    (1, 3),
+    (2, 4),
+    (3, 5),
+    (4, 6),
+)
 
 
 def render_keypoints(
@@ -320,9 +335,7 @@ def _as_people(keypoints: np.ndarray) -> np.ndarray:
     if kp.ndim == 3:
         kp = kp[:, None]
     if kp.ndim != 4 or kp.shape[-1] not in (2, 3):
-        raise ValueError(
-            f"expected keypoints (T, K, 2|3) or (T, P, K, 2|3), got shape {np.shape(keypoints)}"
-        )
+        raise ValueError(f"expected keypoints (T, K, 2|3) or (T, P, K, 2|3), got shape {np.shape(keypoints)}")
     if kp.shape[-1] == 2:
         kp = np.concatenate([kp, np.ones(kp.shape[:-1] + (1,))], axis=-1)
     return kp

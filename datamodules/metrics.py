@@ -26,9 +26,7 @@ from datamodules.controls import blur, edge
 __all__ = ["blur_ssim", "edge_f1"]
 
 
-def edge_f1(
-    generated: np.ndarray, edge_map: np.ndarray, tolerance: int = 2, preset: str = "medium"
-) -> float:
+def edge_f1(generated: np.ndarray, edge_map: np.ndarray, tolerance: int = 2, preset: str = "medium") -> float:
     """F1 of the generated video's Canny edges against the input edge map.
 
     generated: ``(T, H, W, 3)`` uint8; its edges are `edge(generated, preset)`, the same
@@ -100,4 +98,5 @@ def blur_ssim(generated: np.ndarray, reference: np.ndarray, preset: str = "mediu
 def _to_tensor(frames: np.ndarray) -> torch.Tensor:
     """``(T, H, W, 3)`` uint8 -> ``(T, 3, H, W)`` float64, frames as the SSIM batch."""
     import torch
+
     return torch.from_numpy(frames).permute(0, 3, 1, 2).to(torch.float64)

@@ -43,8 +43,19 @@ _COMPUTABLE = ("edge", "blur")
 class SampleLoader:
     """Raw sample dict -> decoded sample dict (picklable; shared by train and val datasets)."""
 
-    def __init__(self, num_frames, height, width, stride, target_fps, modality, control_preset,
-                 use_text_embeddings, use_latents, use_kd=False):  # fmt: skip
+    def __init__(
+        self,
+        num_frames,
+        height,
+        width,
+        stride,
+        target_fps,
+        modality,
+        control_preset,
+        use_text_embeddings,
+        use_latents,
+        use_kd=False,
+    ):
         self.num_frames, self.height, self.width = num_frames, height, width
         self.use_kd = use_kd
         self.stride, self.target_fps = stride, target_fps
@@ -79,8 +90,9 @@ class SampleLoader:
             src_fps = _fps_from(meta, raw)
             out["fps"] = self._clip_fps(src_fps)
             if "mask.mp4" in raw:  # the latents' clip: the first one
-                indices = clip_indices(1 << 30, self.num_frames, self.stride,
-                                       src_fps if self.target_fps else None, self.target_fps, 0)  # fmt: skip
+                indices = clip_indices(
+                    1 << 30, self.num_frames, self.stride, src_fps if self.target_fps else None, self.target_fps, 0
+                )
                 out["mask"] = self._mask(raw["mask.mp4"], indices)
             return out
 
@@ -93,8 +105,9 @@ class SampleLoader:
             everything, _ = decode_video(data)
             total = len(everything)
         start = 0 if rng is None or self.use_latents or self.use_kd else None
-        indices = clip_indices(total, self.num_frames, self.stride,
-                               src_fps if self.target_fps else None, self.target_fps, start, rng)  # fmt: skip
+        indices = clip_indices(
+            total, self.num_frames, self.stride, src_fps if self.target_fps else None, self.target_fps, start, rng
+        )
         frames = everything[indices] if everything is not None else decode_video(data, indices)[0]
         frames = resize_crop(frames, self.height, self.width)
         out["fps"] = self._clip_fps(src_fps)
@@ -124,10 +137,14 @@ class SampleLoader:
         if self.modality is not None and name in kd:
             control = _check_ndim(kd[name], 4, name)
             if control.dtype != torch.uint8 or control.shape[0] != 3:
-                raise ValueError(f"{name} must be (3, T, H, W) uint8 pixels, got {control.dtype} {tuple(control.shape)}")
+                raise ValueError(
+                    f"{name} must be (3, T, H, W) uint8 pixels, got {control.dtype} {tuple(control.shape)}"
+                )
             if tuple(control.shape[1:]) != (self.num_frames, self.height, self.width):
-                raise ValueError(f"{name} is {tuple(control.shape[1:])} (T, H, W); the datamodule asks for "
-                                 f"{(self.num_frames, self.height, self.width)}: set num_frames/height/width to the KD data's")
+                raise ValueError(
+                    f"{name} is {tuple(control.shape[1:])} (T, H, W); the datamodule asks for "
+                    f"{(self.num_frames, self.height, self.width)}: set num_frames/height/width to the KD data's"
+                )
             out["control"] = control
         return "latent" in out and (self.modality is None or "control" in out)
 

@@ -78,7 +78,8 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike] | None) 
 
     `spec` is a brace pattern (``"data/train-{000000..000009}.tar"``), a glob, a directory
     (every ``*.tar`` in it, sorted; with none there, every ``*/*.tar`` one level down, which is
-    how per-rank writers such as make-kd-data lay out their output), a URL, or a list of any of these (concatenated in order).
+    how per-rank writers such as make-kd-data lay out their output), a URL, or a list of any of these
+    (concatenated in order).
     Local paths must exist (FileNotFoundError names the missing one); an empty result raises
     ValueError.
     """
@@ -192,8 +193,7 @@ def count_samples(url: str) -> int:
                 if split is not None and split[0] != key:
                     key, n = split[0], n + 1
     except SHARD_ERRORS as e:
-        log.warning("shard %s is damaged (%s: %s); counted the %d samples before it",
-                    url, type(e).__name__, e, n)
+        log.warning("shard %s is damaged (%s: %s); counted the %d samples before it", url, type(e).__name__, e, n)
     _COUNTS[cache_key] = n
     return n
 

@@ -5,7 +5,8 @@ Each clip shows 1-3 coloured shapes (circle, square, triangle) that move in one 
 checkered, dotted or gradient, the default) or plain. Plain floors leave the shapes' outlines as
 the only edges, which is what the CPU quickstart uses: a tiny model learns them in minutes, and
 Edge F1 then separates a video that follows its edge control from one that does not (clips
-paired at random score about 0.06 at 1 px; textures alone give 0.3). The caption names every shape's size, colour, kind, direction and
+paired at random score about 0.06 at 1 px; textures alone give 0.3). The caption names every
+shape's size, colour, kind, direction and
 scaling and the floor's colour and pattern, e.g.
 ``"a large red circle moves left and grows over a gray striped floor, and a small blue square
 moves up and shrinks"``, so a text-conditioned model has something to learn from the words.
@@ -72,8 +73,13 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 _SUBPIXEL = 4  # cv2 drawing with shift=4: 1/16-pixel positions, so slow motion stays smooth
 
 
-def _floor(rng: random.Random, height: int, width: int, patterns: Sequence[str] = PATTERNS,
-           colours: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
+def _floor(
+    rng: random.Random,
+    height: int,
+    width: int,
+    patterns: Sequence[str] = PATTERNS,
+    colours: Sequence[str] | None = None,
+) -> tuple[np.ndarray, str]:
     """A (H, W, 3) uint8 floor and its words, e.g. ``"gray striped"`` (``"gray"`` when plain)."""
     name = rng.choice(sorted(colours or FLOOR_COLOURS))
     pattern = rng.choice(tuple(patterns))
@@ -113,9 +119,15 @@ def _draw(frame: np.ndarray, kind: str, cx: float, cy: float, r: float, colour: 
     cv2.fillPoly(frame, poly, colour, cv2.LINE_AA, _SUBPIXEL)
 
 
-def synthetic_clip(rng: random.Random, num_frames: int, height: int, width: int,
-                   floors: Sequence[str] = PATTERNS, floor_colours: Sequence[str] | None = None,
-                   shape_scale: float = 1.0) -> tuple[np.ndarray, str]:
+def synthetic_clip(
+    rng: random.Random,
+    num_frames: int,
+    height: int,
+    width: int,
+    floors: Sequence[str] = PATTERNS,
+    floor_colours: Sequence[str] | None = None,
+    shape_scale: float = 1.0,
+) -> tuple[np.ndarray, str]:
     """Draw one captioned clip of 1-3 moving, scaling shapes over a textured floor.
 
     Args:
@@ -249,25 +261,51 @@ def write_synthetic_shards(
 
     def build(key: str) -> list[tuple[str, bytes]]:
         index = int(key.rsplit("-", 1)[1])
-        frames, caption = synthetic_clip(_sample_rng(seed, index), num_frames, height, width, floors, floor_colours,
-                                         shape_scale)
-        meta = {"caption": caption, "fps": float(fps), "frames": num_frames, "width": width, "height": height,
-                "source": "synthetic", "seed": seed, "index": index, "controls": [f"{m}.mp4" for m in controls]}  # fmt: skip
+        frames, caption = synthetic_clip(
+            _sample_rng(seed, index), num_frames, height, width, floors, floor_colours, shape_scale
+        )
+        meta = {
+            "caption": caption,
+            "fps": float(fps),
+            "frames": num_frames,
+            "width": width,
+            "height": height,
+            "source": "synthetic",
+            "seed": seed,
+            "index": index,
+            "controls": [f"{m}.mp4" for m in controls],
+        }
         members = [("mp4", encode_video(frames, fps)), ("txt", caption.encode()), ("json", json.dumps(meta).encode())]
         for m in controls:
             members.append((f"{m}.mp4", encode_video(compute_control(m, frames, preset="medium"), fps)))
         return members
 
-    config = {"mode": "synthetic-video", "seed": seed, "frames": num_frames, "size": [height, width], "fps": fps,
-              "controls": controls, "version": 1}  # fmt: skip
+    config = {
+        "mode": "synthetic-video",
+        "seed": seed,
+        "frames": num_frames,
+        "size": [height, width],
+        "fps": fps,
+        "controls": controls,
+        "version": 1,
+    }
     if floors != PATTERNS:  # only then, so shards written before the option still resume
         config["floors"] = floors
     if floor_colours is not None:
         config["floor_colours"] = floor_colours
     if shape_scale != 1.0:
         config["shape_scale"] = shape_scale
-    return write_shards(out, keys, build, samples_per_shard, prefix, config, resume, progress,
-                        info={"source": "synthetic video", "seed": seed})  # fmt: skip
+    return write_shards(
+        out,
+        keys,
+        build,
+        samples_per_shard,
+        prefix,
+        config,
+        resume,
+        progress,
+        info={"source": "synthetic video", "seed": seed},
+    )
 
 
 def write_latent_shards(
@@ -332,10 +370,30 @@ def write_latent_shards(
         for m in control_modalities:
             latents[f"control.{m}"] = rand(latent_shape)
         text = {"emb": rand(text_shape), "mask": torch.ones(text_shape[0], dtype=torch.uint8)}
-        return [("txt", b"synthetic"), ("json", meta), ("text.safetensors", st_save(text)),
-                ("latent.safetensors", st_save(latents))]  # fmt: skip
+        return [
+            ("txt", b"synthetic"),
+            ("json", meta),
+            ("text.safetensors", st_save(text)),
+            ("latent.safetensors", st_save(latents)),
+        ]
 
-    config = {"mode": "synthetic-latent", "seed": seed, "latent": latent_shape, "text": text_shape,
-              "dtype": dtype, "controls": control_modalities, "fps": fps}  # fmt: skip
-    return write_shards(out, keys, build, samples_per_shard, prefix, config, resume, progress,
-                        info={"source": "synthetic latent", "seed": seed})  # fmt: skip
+    config = {
+        "mode": "synthetic-latent",
+        "seed": seed,
+        "latent": latent_shape,
+        "text": text_shape,
+        "dtype": dtype,
+        "controls": control_modalities,
+        "fps": fps,
+    }
+    return write_shards(
+        out,
+        keys,
+        build,
+        samples_per_shard,
+        prefix,
+        config,
+        resume,
+        progress,
+        info={"source": "synthetic latent", "seed": seed},
+    )

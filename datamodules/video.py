@@ -91,6 +91,8 @@ __all__ = ["MAX_CONSECUTIVE_FAILURES", "SAMPLE_ERRORS", "VideoDataModule", "coll
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 1000
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     if info is None:
@@ -134,8 +136,17 @@ class _Failures:
 class _TrainDataset(IterableDataset):
     """The training stream of one rank; `set_epoch` before each iteration (see module doc)."""
 
-    def __init__(self, loader: SampleLoader, urls: list[str], batch_size: int, batches_per_epoch: int,
-                 seed: int, rank: int, world: int, resample: bool):  # fmt: skip
+    def __init__(
+        self,
+        loader: SampleLoader,
+        urls: list[str],
+        batch_size: int,
+        batches_per_epoch: int,
+        seed: int,
+        rank: int,
+        world: int,
+        resample: bool,
+    ):
         self.loader, self.urls, self.batch_size = loader, urls, batch_size
         self.batches_per_epoch, self.seed, self.rank, self.world = batches_per_epoch, seed, rank, world
         self.resample = resample
@@ -384,8 +395,14 @@ class VideoDataModule(lightning.LightningDataModule):
         super().__init__()
         if modality is not None and modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES} or None, got {modality!r}")
-        for name, value in (("batch_size", batch_size), ("num_frames", num_frames), ("height", height),
-                            ("width", width), ("stride", stride), ("val_samples", val_samples)):  # fmt: skip
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_frames", num_frames),
+            ("height", height),
+            ("width", width),
+            ("stride", stride),
+            ("val_samples", val_samples),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if num_workers < 0:
@@ -400,8 +417,18 @@ class VideoDataModule(lightning.LightningDataModule):
         self.seed, self.resample, self.val_samples = seed, resample, val_samples
         self.batches_per_epoch = batches_per_epoch
         self.rank, self.world_size = rank, world_size
-        self.loader = SampleLoader(num_frames, height, width, stride, target_fps, modality, control_preset,
-                                    use_text_embeddings, use_latents, use_kd)  # fmt: skip
+        self.loader = SampleLoader(
+            num_frames,
+            height,
+            width,
+            stride,
+            target_fps,
+            modality,
+            control_preset,
+            use_text_embeddings,
+            use_latents,
+            use_kd,
+        )
         self._rank, self._world = rank or 0, world_size or 1
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
@@ -446,8 +473,12 @@ class VideoDataModule(lightning.LightningDataModule):
     # ---- dataloaders -------------------------------------------------------------------
 
     def _dataloader_kwargs(self) -> dict:
-        kw: dict[str, Any] = dict(batch_size=None, num_workers=self.num_workers,
-                                  pin_memory=torch.cuda.is_available(), persistent_workers=False)  # fmt: skip
+        kw: dict[str, Any] = dict(
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
         return kw
 
     def train_dataloader(self) -> DataLoader:
@@ -459,11 +490,21 @@ class VideoDataModule(lightning.LightningDataModule):
             log.warning(
                 "%d train shards for %d ranks x workers: shards are shared (each reader takes every"
                 " k-th sample of a shared shard); use at least %d shards for disjoint shards",
-                len(self._train_urls), slots, slots,
+                len(self._train_urls),
+                slots,
+                slots,
             )
             self._warned_few_shards = True
-        ds = _TrainDataset(self.loader, self._train_urls, self.batch_size, self.train_batches_per_epoch,
-                           self.seed, self._rank, self._world, self.resample)  # fmt: skip
+        ds = _TrainDataset(
+            self.loader,
+            self._train_urls,
+            self.batch_size,
+            self.train_batches_per_epoch,
+            self.seed,
+            self._rank,
+            self._world,
+            self.resample,
+        )
         return _EpochLoader(ds, self._begin_stream, **self._dataloader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
@@ -480,8 +521,9 @@ class VideoDataModule(lightning.LightningDataModule):
         total = min(total, n)
         if total == 0:
             raise ValueError(f"val_shards {self.val_shards!r} hold no samples")
-        ds = _ValDataset(self.loader, self._val_urls, val_indices(total, self._rank, self._world),
-                         self.batch_size, self._rank)  # fmt: skip
+        ds = _ValDataset(
+            self.loader, self._val_urls, val_indices(total, self._rank, self._world), self.batch_size, self._rank
+        )
         kw = self._dataloader_kwargs()
         kw["num_workers"] = min(self.num_workers, len(ds))
         return DataLoader(ds, **kw)

@@ -192,8 +192,7 @@ def write_shards(
         others = sorted({e["name"] for e in old["shards"] if not str(e.get("name", "")).startswith(prefix + "-")})
         if others:
             raise ValueError(
-                f"{out} already holds shards of another prefix ({others[0]}, ...); "
-                "write each split to its own folder"
+                f"{out} already holds shards of another prefix ({others[0]}, ...); write each split to its own folder"
             )
     old_entries = {e["name"]: e for e in (old or {}).get("shards", [])}
     n_shards = -(-len(keys) // samples_per_shard)

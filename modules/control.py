@@ -102,8 +102,18 @@ class ControlTraining(Stage):
         for i in range(B):
             g = sample_generator(self.seed, step, self.sample_index(i, B, micro), x0.device)
             eps.append(torch.randn(x0.shape[1:], generator=g, device=x0.device))
-            t.append(flow.sample_t(1, self.time.kind, self.time.mean, self.time.std, self.time.shift,
-                                   t_min=self.time.t_min, generator=g, device=x0.device))
+            t.append(
+                flow.sample_t(
+                    1,
+                    self.time.kind,
+                    self.time.mean,
+                    self.time.std,
+                    self.time.shift,
+                    t_min=self.time.t_min,
+                    generator=g,
+                    device=x0.device,
+                )
+            )
             k.append(torch.randint(0, min(self.max_cond_frames, T - 1) + 1, (1,), generator=g, device=x0.device))
             drop.append(torch.rand(1, generator=g, device=x0.device) < self.text_spec.dropout)
         frames = torch.arange(T, device=x0.device)[None] < torch.cat(k)[:, None]
@@ -118,8 +128,9 @@ class ControlTraining(Stage):
             text, mask = self.drop_text(text, mask, drop)
         controls = {self.modality: self.latents(batch, "control")} if self.modality else {}
         x_t = flow.add_noise(x0, eps, t)
-        cond = Cond(text=text, text_mask=mask, controls=controls, cond_latents=x0, cond_frames=frames,
-                    fps=self.fps(batch))
+        cond = Cond(
+            text=text, text_mask=mask, controls=controls, cond_latents=x0, cond_frames=frames, fps=self.fps(batch)
+        )
         x0_pred = self.model.denoise(x_t, t, cond)
         keep = (~frames)[:, None, :, None, None]
         return flow.velocity_loss(x0_pred, x0, x_t, t, keep).mean()

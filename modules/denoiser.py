@@ -44,7 +44,7 @@ class Cond:
     padding_mask: torch.Tensor | None = None
     """(B or 1, 1, H, W) at pixel (or any) resolution, 1 on padded pixels."""
 
-    def negative(self) -> "Cond":
+    def negative(self) -> Cond:
         """The unconditional branch of CFG: the negative prompt in place of the prompt."""
         if self.neg_text is None:
             raise ValueError("classifier-free guidance needs negative-prompt embeddings (Cond.neg_text)")
@@ -71,7 +71,7 @@ class Denoiser(nn.Module):
         self.net = DiT(cfg.dit, device, dtype)
         self.controls = nn.ModuleDict({m: ControlBranch(cfg.dit, cfg.control, device, dtype) for m in cfg.modalities})
 
-    def set_context_parallel(self, group) -> "Denoiser":
+    def set_context_parallel(self, group) -> Denoiser:
         """Split the tokens of every later call across the ranks of `group` (context parallelism,
         modules/nets/context.py); None turns it off. Callers see whole tensors either way."""
         self.net.set_context_parallel(group)
@@ -136,8 +136,9 @@ class Denoiser(nn.Module):
         x0 = out if self.cfg.prediction == "x0" else x_t - t.view(-1, 1, 1, 1, 1).to(x_t.dtype) * out
         return x0 if m is None else m * x_in + (1 - m) * x0
 
-    def features(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Cond,
-                 taps: tuple[int, ...]) -> list[torch.Tensor]:
+    def features(
+        self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Cond, taps: tuple[int, ...]
+    ) -> list[torch.Tensor]:
         """The trunk's token features (B, N, dim) after each block in `taps` (after control
         injection, in block order), from the same inputs `denoise` builds; the blocks after the
         last tap are not run. What a GAN head on this network reads (DMD2's discriminator)."""
@@ -152,7 +153,7 @@ class Denoiser(nn.Module):
     # --- building and checkpoints -------------------------------------------------------------
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> "Denoiser":
+    def init_weights(self, seed: int = 0) -> Denoiser:
         """Deterministic init from `seed`: for one device type the weights depend only on the seed and
         the config, so a meta-device build materialised with `to_empty` equals an eager build.
         Random numbers are drawn on the parameters' device (a 2B init on CPU takes minutes)."""
@@ -173,7 +174,7 @@ class Denoiser(nn.Module):
         return self
 
     @classmethod
-    def build(cls, cfg: NetConfig, seed: int = 0, device="cpu", dtype=None) -> "Denoiser":
+    def build(cls, cfg: NetConfig, seed: int = 0, device="cpu", dtype=None) -> Denoiser:
         """Build on the meta device (no memory, no init work), materialise on `device`, init from seed."""
         with torch.device("meta"):
             model = cls(cfg, dtype=dtype)
@@ -203,7 +204,7 @@ class Denoiser(nn.Module):
         return NetConfig.from_dict(json.loads(file.read_text()))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu", dtype=None) -> "Denoiser":
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=None) -> Denoiser:
         from safetensors.torch import load_file
 
         path = Path(path)

@@ -120,8 +120,9 @@ def dmd_loss(x0_gen: Tensor, x0_real: Tensor, x0_fake: Tensor, mask: Tensor | No
     return 0.5 * _masked_mean((gen - target).square(), mask)
 
 
-def fake_score_loss(x0_pred: Tensor, x0_gen: Tensor, x_t: Tensor, t: flow.TimeLike,
-                    mask: Tensor | None = None) -> Tensor:
+def fake_score_loss(
+    x0_pred: Tensor, x0_gen: Tensor, x_t: Tensor, t: flow.TimeLike, mask: Tensor | None = None
+) -> Tensor:
     """The fake score's denoising loss on generated samples (DMD Sec. 3.2, DMD2 Sec. 4.2): the
     rectified-flow loss (`flow.velocity_loss`) with the detached generator output as data, so the
     fake score tracks the generator's current distribution and no gradient reaches the generator.
@@ -221,8 +222,9 @@ def backward_simulation(
     for k in range(exit_step):
         x0 = student(x, _t_batch(times[k], x))
         # drawn exactly as sample_student draws it, so both consume the generator alike
-        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                          device=generator.device if generator is not None else x.device).to(x.device)
+        eps = torch.randn(
+            x.shape, generator=generator, dtype=x.dtype, device=generator.device if generator is not None else x.device
+        ).to(x.device)
         x = flow.add_noise(x0.to(noise.dtype), eps, times[k + 1])
     return x, _t_batch(times[exit_step], x)
 

@@ -19,8 +19,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from trainers.fsdp import ShardingConfig, shard_head
-from trainers.stage import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, allow_in_checkpoints, lr_lambda, \
-    sample_generator
+from trainers.stage import (
+    NetSpec,
+    OptimSpec,
+    Stage,
+    TextSpec,
+    TokenizerSpec,
+    allow_in_checkpoints,
+    lr_lambda,
+    sample_generator,
+)
 
 from . import distill, flow
 from .denoiser import Cond, Denoiser
@@ -133,7 +141,9 @@ class DMD2(Stage):
         self.guidance, self.negative_prompt, self.freq = guidance, negative_prompt, student_update_freq
         self.critic_time, self.gan, self.critic_optim = critic_time, gan, critic_optim
         self.micro_batches, self.gradient_clip, self.max_cond_frames = micro_batches, gradient_clip, max_cond_frames
-        self.sampler = replace(sampler, t_list=tuple(t_list), shift=t_shift) if sampler.sampler == "student" else sampler
+        self.sampler = (
+            replace(sampler, t_list=tuple(t_list), shift=t_shift) if sampler.sampler == "student" else sampler
+        )
         self.student = self.teacher = self.fake_score = self.gan_head = None
         self._neg: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -187,8 +197,9 @@ class DMD2(Stage):
             self._neg = emb.to(self.device).float(), m.to(self.device)
         emb, m = self._neg
         if emb.shape[1:] != text.shape[1:]:
-            raise ValueError(f"negative prompt embeddings {tuple(emb.shape[1:])} do not match the batch's "
-                             f"{tuple(text.shape[1:])}")
+            raise ValueError(
+                f"negative prompt embeddings {tuple(emb.shape[1:])} do not match the batch's {tuple(text.shape[1:])}"
+            )
         return emb.expand(len(text), -1, -1), m.expand(len(text), -1)
 
     def draws(self, x0: torch.Tensor, turn: int, micro: int) -> dict[str, torch.Tensor]:
@@ -201,8 +212,11 @@ class DMD2(Stage):
             for k in ("noise", "eps", "eps_data"):
                 out[k].append(torch.randn(x0.shape[1:], generator=g, device=x0.device))
             for k in ("t", "t_data"):
-                out[k].append(distill.critic_times(1, self.critic_time.shift, g, self.critic_time.t_min,
-                                                   self.critic_time.t_max, device=x0.device))
+                out[k].append(
+                    distill.critic_times(
+                        1, self.critic_time.shift, g, self.critic_time.t_min, self.critic_time.t_max, device=x0.device
+                    )
+                )
             out["k"].append(torch.randint(0, min(self.max_cond_frames, T - 1) + 1, (1,), generator=g, device=x0.device))
         d = {k: torch.stack(v) if k.startswith(("noise", "eps")) else torch.cat(v) for k, v in out.items()}
         d["frames"] = torch.arange(T, device=x0.device)[None] < d.pop("k")[:, None]  # (B, T) conditioning
@@ -231,20 +245,43 @@ class DMD2(Stage):
         controls = {self.modality: self.latents(batch, "control")} if self.modality else {}
         d = self.draws(x0_data, turn, micro)
         frames = d["frames"] if self.max_cond_frames else None
-        cond = Cond(text=text, text_mask=mask, neg_text=neg, neg_text_mask=neg_mask, controls=controls,
-                    cond_latents=x0_data if frames is not None else None, cond_frames=frames, fps=self.fps(batch))
+        cond = Cond(
+            text=text,
+            text_mask=mask,
+            neg_text=neg,
+            neg_text_mask=neg_mask,
+            controls=controls,
+            cond_latents=x0_data if frames is not None else None,
+            cond_frames=frames,
+            fps=self.fps(batch),
+        )
         keep = None if frames is None else (~frames)[:, None, :, None, None]
         if student:
             x0_gen = self.student_sample(cond, d["noise"], turn, micro)
             return distill.generator_turn_loss(
-                x0_gen, d["t"], d["eps"], guided(self.teacher, cond, self.guidance), guided(self.fake_score, cond, 0.0),
-                self.disc_fn(cond), mask=keep, gan_weight=self.gan.weight)  # fmt: skip
+                x0_gen,
+                d["t"],
+                d["eps"],
+                guided(self.teacher, cond, self.guidance),
+                guided(self.fake_score, cond, 0.0),
+                self.disc_fn(cond),
+                mask=keep,
+                gan_weight=self.gan.weight,
+            )
         with torch.no_grad():
             x0_gen = self.student_sample(cond, d["noise"], turn, micro)
         return distill.critic_turn_loss(
-            x0_gen, d["t"], d["eps"], guided(self.fake_score, cond, 0.0),
-            self.disc_fn(cond) if self.gan.critic_weight else None, x0_data, d["t_data"], d["eps_data"],
-            mask=keep, disc_weight=self.gan.critic_weight)  # fmt: skip
+            x0_gen,
+            d["t"],
+            d["eps"],
+            guided(self.fake_score, cond, 0.0),
+            self.disc_fn(cond) if self.gan.critic_weight else None,
+            x0_data,
+            d["t_data"],
+            d["eps_data"],
+            mask=keep,
+            disc_weight=self.gan.critic_weight,
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         turn, micro = self.global_step, batch_idx % self.micro_batches

@@ -264,7 +264,10 @@ OnState = Callable[[float, Tensor], None]
 
 
 def sample_euler(
-    denoise: Denoise, noise: Tensor, ts: Tensor | Sequence[float], progress: bool = False,
+    denoise: Denoise,
+    noise: Tensor,
+    ts: Tensor | Sequence[float],
+    progress: bool = False,
     on_state: OnState | None = None,
 ) -> Tensor:
     """First-order solver of the flow ODE dx/dt = v(x, t) on the grid `ts` (decreasing, starting
@@ -302,7 +305,10 @@ def _lam(t: float) -> float:
 
 
 def sample_dpmpp_2m(
-    denoise: Denoise, noise: Tensor, ts: Tensor | Sequence[float], progress: bool = False,
+    denoise: Denoise,
+    noise: Tensor,
+    ts: Tensor | Sequence[float],
+    progress: bool = False,
     on_state: OnState | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M), data-prediction multistep second order (Lu et al. 2022,
@@ -374,8 +380,12 @@ def sample_student(
         x0 = denoise(x, _t_batch(t, x))
         if k + 1 < len(times):
             if renoise == "fresh":
-                eps = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                  device=generator.device if generator is not None else x.device)
+                eps = torch.randn(
+                    x.shape,
+                    generator=generator,
+                    dtype=x.dtype,
+                    device=generator.device if generator is not None else x.device,
+                )
                 eps = eps.to(x.device)
             else:
                 eps = eps_from_x0(x, x0, t)

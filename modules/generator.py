@@ -62,9 +62,16 @@ class Generator(nn.Module):
         self.text_encoder = text_encoder
 
     @torch.no_grad()
-    def sample(self, cond: Cond, noise: torch.Tensor, cfg: SamplerConfig = SamplerConfig(),
-               generator: torch.Generator | None = None, progress: bool = False,
-               through: tuple[float, ...] = (), on_state: flow.OnState | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        cond: Cond,
+        noise: torch.Tensor,
+        cfg: SamplerConfig = SamplerConfig(),
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        through: tuple[float, ...] = (),
+        on_state: flow.OnState | None = None,
+    ) -> torch.Tensor:
         """Latents x0 from `noise` (the state at t = 1) under `cond`.
 
         Teacher samplers: `through` (real times) makes the grid pass exactly through them
@@ -87,10 +94,20 @@ class Generator(nn.Module):
         return emb.to(device), mask.to(device)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], controls: dict[str, torch.Tensor], num_frames: int, height: int,
-                 width: int, cfg: SamplerConfig = SamplerConfig(), negative_prompt: str = "",
-                 control_weights: dict[str, float | torch.Tensor] | None = None, seed: int = 0,
-                 fps: float | None = None, progress: bool = False) -> torch.Tensor:
+    def generate(
+        self,
+        prompts: list[str],
+        controls: dict[str, torch.Tensor],
+        num_frames: int,
+        height: int,
+        width: int,
+        cfg: SamplerConfig = SamplerConfig(),
+        negative_prompt: str = "",
+        control_weights: dict[str, float | torch.Tensor] | None = None,
+        seed: int = 0,
+        fps: float | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """Videos (B, 3, T, H, W) uint8 for prompts and uint8 control videos of the same size."""
         if self.tokenizer is None:
             raise ValueError("generate needs a tokenizer; use sample() with latents otherwise")
@@ -101,7 +118,14 @@ class Generator(nn.Module):
         C, T, H, W = self.tokenizer.latent_shape(num_frames, height, width)
         gen = torch.Generator(device=device).manual_seed(seed)
         noise = torch.randn(len(prompts), C, T, H, W, generator=gen, device=device)
-        cond = Cond(text=text, text_mask=mask, neg_text=neg, neg_text_mask=neg_mask, controls=latents,
-                    control_weights=control_weights or {}, fps=fps)
+        cond = Cond(
+            text=text,
+            text_mask=mask,
+            neg_text=neg,
+            neg_text_mask=neg_mask,
+            controls=latents,
+            control_weights=control_weights or {},
+            fps=fps,
+        )
         x0 = self.sample(cond, noise, cfg, generator=gen, progress=progress)
         return to_uint8(self.tokenizer.decode(x0))

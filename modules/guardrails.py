@@ -97,23 +97,31 @@ class HaarFaceDetector:
 
     FILE = "haarcascade_frontalface_default.xml"
 
-    def __init__(self, cascade_path: str | Path | None = None, scale_factor: float = 1.1,
-                 min_neighbors: int = 5, min_size: tuple[int, int] = (24, 24)):
+    def __init__(
+        self,
+        cascade_path: str | Path | None = None,
+        scale_factor: float = 1.1,
+        min_neighbors: int = 5,
+        min_size: tuple[int, int] = (24, 24),
+    ):
         if not hasattr(cv2, "CascadeClassifier"):
             # OpenCV 5 moved the Haar cascades out of the main wheel.
             raise RuntimeError(
                 f"OpenCV {cv2.__version__} has no cv2.CascadeClassifier; install "
-                "'opencv-python-headless>=4.9,<5' or pass FaceBlur another FaceDetector")
+                "'opencv-python-headless>=4.9,<5' or pass FaceBlur another FaceDetector"
+            )
         if cascade_path is None:
             data = getattr(cv2, "data", None)
             if data is None:
                 raise RuntimeError(
                     f"this OpenCV build has no cv2.data; download {self.FILE} (from the "
-                    "OpenCV repository, data/haarcascades) and pass its path as cascade_path")
+                    "OpenCV repository, data/haarcascades) and pass its path as cascade_path"
+                )
             cascade_path = Path(data.haarcascades) / self.FILE
         if not Path(cascade_path).is_file():
-            raise FileNotFoundError(f"Haar cascade not found: {cascade_path}; pass cascade_path "
-                                    f"pointing at {self.FILE}")
+            raise FileNotFoundError(
+                f"Haar cascade not found: {cascade_path}; pass cascade_path pointing at {self.FILE}"
+            )
         self.cascade = cv2.CascadeClassifier(str(cascade_path))
         if self.cascade.empty():
             raise RuntimeError(f"OpenCV could not load the Haar cascade {cascade_path}")
@@ -121,9 +129,9 @@ class HaarFaceDetector:
 
     def detect(self, frame_rgb: np.ndarray) -> list[Box]:
         gray = cv2.equalizeHist(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY))
-        found = self.cascade.detectMultiScale(gray, scaleFactor=self.scale_factor,
-                                              minNeighbors=self.min_neighbors,
-                                              minSize=tuple(self.min_size))
+        found = self.cascade.detectMultiScale(
+            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=tuple(self.min_size)
+        )
         return [tuple(int(v) for v in box) for box in found]
 
 
@@ -139,8 +147,9 @@ class FaceBlur:
         every: detect on every k-th frame only and reuse its boxes for the next k-1.
     """
 
-    def __init__(self, detector: FaceDetector | None = None, strength: float = 0.125,
-                 margin: float = 0.2, every: int = 1):
+    def __init__(
+        self, detector: FaceDetector | None = None, strength: float = 0.125, margin: float = 0.2, every: int = 1
+    ):
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         if every < 1:
@@ -209,8 +218,9 @@ class Guardrails:
     @classmethod
     def default(cls, blocklist_path: str | Path | None = None) -> Guardrails:
         """Blocklist (the shipped list unless blocklist_path is given) plus Haar face blur."""
-        blocklist = (PromptBlocklist.from_file(blocklist_path) if blocklist_path is not None
-                     else PromptBlocklist.default())
+        blocklist = (
+            PromptBlocklist.from_file(blocklist_path) if blocklist_path is not None else PromptBlocklist.default()
+        )
         return cls(blocklist=blocklist, face_blur=FaceBlur(HaarFaceDetector()))
 
     @classmethod

@@ -68,7 +68,9 @@ class KDWarmup(Stage):
         self.student_spec, self.modality, self.trainable = student, modality, trainable
         self.times = flow.student_t_list(t_list, t_shift)
         # validation samples run the student on its own t-list
-        self.sampler = replace(sampler, t_list=tuple(t_list), shift=t_shift) if sampler.sampler == "student" else sampler
+        self.sampler = (
+            replace(sampler, t_list=tuple(t_list), shift=t_shift) if sampler.sampler == "student" else sampler
+        )
         self.model = None
 
     def configure_model(self) -> None:
@@ -87,14 +89,27 @@ class KDWarmup(Stage):
                 raise ValueError(f"a 1-step student starts from noise at t = 1, not {self.times[0]}")
             return noise, noise.new_ones(B)
         if "kd_states" not in batch:
-            raise ValueError("a multi-step student needs KD data with teacher states (make-kd-data); "
-                             "these shards hold the noise only")
+            raise ValueError(
+                "a multi-step student needs KD data with teacher states (make-kd-data); "
+                "these shards hold the noise only"
+            )
         t_all = batch["kd_t"].float()
         if t_all.shape[1] != len(self.times) or not torch.allclose(t_all[0].cpu(), torch.tensor(self.times), atol=1e-5):
-            raise ValueError(f"the KD data holds states at t = {t_all[0].tolist()}, the student's t-list is "
-                             f"{list(self.times)}: remake the data or fix t_list / t_shift")
-        ks = [int(torch.randint(len(self.times), (1,), generator=sample_generator(
-            self.seed, step, self.sample_index(i, B), noise.device), device=noise.device)) for i in range(B)]  # fmt: skip
+            raise ValueError(
+                f"the KD data holds states at t = {t_all[0].tolist()}, the student's t-list is "
+                f"{list(self.times)}: remake the data or fix t_list / t_shift"
+            )
+        ks = [
+            int(
+                torch.randint(
+                    len(self.times),
+                    (1,),
+                    generator=sample_generator(self.seed, step, self.sample_index(i, B), noise.device),
+                    device=noise.device,
+                )
+            )
+            for i in range(B)
+        ]
         idx = torch.arange(B, device=noise.device)
         k = torch.tensor(ks, device=noise.device)
         return batch["kd_states"].float()[idx, k], t_all[idx, k]

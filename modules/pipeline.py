@@ -66,7 +66,7 @@ class GenerationSettings:
     """Frame rate of videos generated without an input video."""
 
     @classmethod
-    def load(cls, path: str | Path) -> "GenerationSettings | None":
+    def load(cls, path: str | Path) -> GenerationSettings | None:
         file = Path(path) / GENERATION_FILE
         if not file.is_file():
             return None
@@ -142,8 +142,9 @@ def _read(path: Path) -> tuple[np.ndarray, float]:
     return decode_video(path.read_bytes())
 
 
-def load_inputs(spec: Spec, mode: str = "transfer", default_fps: float = DEFAULT_FPS,
-                annotators: dict | None = None) -> Inputs:
+def load_inputs(
+    spec: Spec, mode: str = "transfer", default_fps: float = DEFAULT_FPS, annotators: dict | None = None
+) -> Inputs:
     """Decode, cut to max_frames and resize the spec's videos; compute controls without a
     control_path from the input video (edge, vis, or `annotators[key](video)` -> (T, H, W, 3)
     uint8 for depth / seg / keypoint models plugged in by the user); masks times weights."""
@@ -175,14 +176,16 @@ def load_inputs(spec: Spec, mode: str = "transfer", default_fps: float = DEFAULT
         m = MODALITY_NAMES[key]
         if key in raw:
             if len(raw[key]) < frames:
-                raise ValueError(f"spec {spec.name!r}: {key}.control_path has {len(raw[key])} frames, "
-                                 f"the video needs {frames}")
+                raise ValueError(
+                    f"spec {spec.name!r}: {key}.control_path has {len(raw[key])} frames, the video needs {frames}"
+                )
             ctrl = resize_crop(raw[key][:frames], height, width, CONTROL_INTERPOLATION.get(m, cv2.INTER_AREA))
         elif key in annotators:
             ctrl = np.asarray(annotators[key](video), dtype=np.uint8)
             if ctrl.shape != video.shape:
-                raise ValueError(f"spec {spec.name!r}: the {key} annotator returned shape {ctrl.shape}, "
-                                 f"expected {video.shape}")
+                raise ValueError(
+                    f"spec {spec.name!r}: the {key} annotator returned shape {ctrl.shape}, expected {video.shape}"
+                )
         elif key == "edge":
             ctrl = edge(video, c.preset_edge_threshold)
         elif key == "vis":  # the spec parser checked there is an input video
@@ -194,8 +197,9 @@ def load_inputs(spec: Spec, mode: str = "transfer", default_fps: float = DEFAULT
         if c.mask_path is not None:
             mask_frames = _read(c.mask_path)[0]
             if len(mask_frames) < frames:
-                raise ValueError(f"spec {spec.name!r}: {key}.mask_path has {len(mask_frames)} frames, "
-                                 f"the video needs {frames}")
+                raise ValueError(
+                    f"spec {spec.name!r}: {key}.mask_path has {len(mask_frames)} frames, the video needs {frames}"
+                )
             w = mask_video(mask_frames[:frames], None, height, width) * float(c.control_weight)
         inputs.weights[m] = w
     return inputs
@@ -261,8 +265,10 @@ def plan(spec: Spec, inputs: Inputs, tokenizer, mode: str) -> Plan:
     lead = None
     starts = chunk_starts(inputs.frames, chunk, overlap)
     if len(starts) > 1 and not n_cond:
-        raise ValueError(f"spec {spec.name!r}: {inputs.frames} frames need {len(starts)} chunks, which are "
-                         "chained through num_conditional_frames >= 1")
+        raise ValueError(
+            f"spec {spec.name!r}: {inputs.frames} frames need {len(starts)} chunks, which are "
+            "chained through num_conditional_frames >= 1"
+        )
     return Plan(chunk, overlap, n_cond, starts, lead)
 
 
@@ -295,9 +301,18 @@ class Pipeline:
     `devices` maps component (text_encoder, tokenizer, dit) to the device it computes on;
     components in `offload` wait on the CPU and visit their device only during their phase."""
 
-    def __init__(self, generator: Generator, settings: GenerationSettings, devices: dict[str, torch.device],
-                 offload: tuple[str, ...] = (), reuse_latents: bool = False, mode: str = "transfer",
-                 dtype: torch.dtype = torch.float32, progress: bool = False, annotators: dict | None = None):
+    def __init__(
+        self,
+        generator: Generator,
+        settings: GenerationSettings,
+        devices: dict[str, torch.device],
+        offload: tuple[str, ...] = (),
+        reuse_latents: bool = False,
+        mode: str = "transfer",
+        dtype: torch.dtype = torch.float32,
+        progress: bool = False,
+        annotators: dict | None = None,
+    ):
         if generator.tokenizer is None or generator.text_encoder is None:
             raise ValueError("inference needs a tokenizer and a text encoder (generation.json or the infer flags)")
         self.g, self.settings, self.devices, self.offload = generator, settings, devices, set(offload)
@@ -340,16 +355,31 @@ class Pipeline:
         dev = self._enter("tokenizer")
         controls, weights = [], []
         for s in p.starts:
-            controls.append({m: tok.encode(_tensor(_pad(v[s: s + p.chunk], p.chunk), dev)) for m, v in inputs.controls.items()})
-            weights.append({m: (w if isinstance(w, float) else torch.from_numpy(_pad(w[s: s + p.chunk], p.chunk))[None, None])
-                            for m, w in inputs.weights.items()})
+            controls.append(
+                {m: tok.encode(_tensor(_pad(v[s : s + p.chunk], p.chunk), dev)) for m, v in inputs.controls.items()}
+            )
+            weights.append(
+                {
+                    m: (w if isinstance(w, float) else torch.from_numpy(_pad(w[s : s + p.chunk], p.chunk))[None, None])
+                    for m, w in inputs.weights.items()
+                }
+            )
         lead = None
         if p.lead is not None:
             lead = tok.encode(_tensor(p.lead, dev))
         self._leave("tokenizer")
         t3 = time.perf_counter()
-        return Prepared(spec, inputs, p, sampler, text, controls, weights, lead,
-                        seconds={"inputs": t1 - t0, "text": t2 - t1, "encode": t3 - t2})
+        return Prepared(
+            spec,
+            inputs,
+            p,
+            sampler,
+            text,
+            controls,
+            weights,
+            lead,
+            seconds={"inputs": t1 - t0, "text": t2 - t1, "encode": t3 - t2},
+        )
 
     @torch.no_grad()
     def denoise(self, job: Prepared) -> Prepared:
@@ -360,18 +390,24 @@ class Pipeline:
         C, T, H, W = tok.latent_shape(p.chunk, job.inputs.height, job.inputs.width)
         text = [x.to(dev) for x in job.text]
         previous = job.lead
-        for k, start in enumerate(p.starts):
+        for k in range(len(p.starts)):
             frames = torch.zeros(1, T, device=dev)
             cond_latents = None
             if previous is not None:
                 frames[:, : p.cond_latents] = 1
                 cond_latents = torch.zeros(1, C, T, H, W, device=dev)
-                cond_latents[:, :, : p.cond_latents] = previous[:, :, -p.cond_latents:].to(dev)
-            cond = Cond(text=text[0], text_mask=text[1], neg_text=text[2], neg_text_mask=text[3],
-                        controls={m: v.to(dev) for m, v in job.controls[k].items()},
-                        control_weights={m: (w.to(dev) if torch.is_tensor(w) else w) for m, w in job.weights[k].items()},
-                        cond_latents=cond_latents,
-                        cond_frames=None if cond_latents is None else frames, fps=job.inputs.fps)
+                cond_latents[:, :, : p.cond_latents] = previous[:, :, -p.cond_latents :].to(dev)
+            cond = Cond(
+                text=text[0],
+                text_mask=text[1],
+                neg_text=text[2],
+                neg_text_mask=text[3],
+                controls={m: v.to(dev) for m, v in job.controls[k].items()},
+                control_weights={m: (w.to(dev) if torch.is_tensor(w) else w) for m, w in job.weights[k].items()},
+                cond_latents=cond_latents,
+                cond_frames=None if cond_latents is None else frames,
+                fps=job.inputs.fps,
+            )
             gen = torch.Generator(device=dev).manual_seed(job.spec.seed * 1000 + k)
             noise = torch.randn(1, C, T, H, W, generator=gen, device=dev)
             # states stay fp32 across steps; a bf16 network computes under autocast
@@ -391,7 +427,7 @@ class Pipeline:
         `overlap` frames, encode them. The decoded chunk is kept for the output."""
         dev = self._enter("tokenizer")
         pixels = self.g.tokenizer.decode(x0.to(dev))
-        z = self.g.tokenizer.encode(pixels[:, :, -job.plan.overlap:])
+        z = self.g.tokenizer.encode(pixels[:, :, -job.plan.overlap :])
         self._leave("tokenizer")
         job.pixels[k] = to_uint8(pixels)[0].permute(1, 2, 3, 0).cpu().numpy()
         return z
@@ -403,9 +439,12 @@ class Pipeline:
         dev = self._enter("tokenizer")
         parts = []
         for k, z in enumerate(job.latents):
-            v = job.pixels.pop(k) if k in job.pixels else \
-                to_uint8(self.g.tokenizer.decode(z.to(dev)))[0].permute(1, 2, 3, 0).cpu().numpy()
-            parts.append(v if k == 0 else v[job.plan.overlap:])
+            v = (
+                job.pixels.pop(k)
+                if k in job.pixels
+                else to_uint8(self.g.tokenizer.decode(z.to(dev)))[0].permute(1, 2, 3, 0).cpu().numpy()
+            )
+            parts.append(v if k == 0 else v[job.plan.overlap :])
         self._leave("tokenizer")
         video = np.concatenate(parts)
         job.video = video if self.mode == "video2world" else video[: job.inputs.frames]
@@ -427,8 +466,10 @@ def build_generator(model: str | Path, settings: GenerationSettings, device="cpu
     tokenizer = build_tokenizer(tok["kind"], tok.get("path"), **(tok.get("options") or {}))
     text = build_text_encoder(settings.text["encoder"], int(settings.text["max_length"]))
     if tokenizer.latent_channels != denoiser.cfg.dit.latent_channels:
-        raise ValueError(f"{model} takes {denoiser.cfg.dit.latent_channels}-channel latents, the tokenizer "
-                         f"{tok['kind']} gives {tokenizer.latent_channels}")
+        raise ValueError(
+            f"{model} takes {denoiser.cfg.dit.latent_channels}-channel latents, the tokenizer "
+            f"{tok['kind']} gives {tokenizer.latent_channels}"
+        )
     return Generator(denoiser, tokenizer, text)
 
 

@@ -30,9 +30,24 @@ RESOLUTIONS = ("480", "720")
 # Only these two are computed from the input video (datamodules/controls.py); the others need a file.
 _PRESETS = {"edge": ("preset_edge_threshold", EDGE_PRESETS), "vis": ("preset_blur_strength", BLUR_PRESETS)}
 _CONTROL_KEYS = ("control_path", "control_weight", "mask_path")
-_TOP_KEYS = ("name", "prompt", "prompt_path", "negative_prompt", "seed", "guidance", "video_path", "max_frames",
-             "num_conditional_frames", "resolution", "num_video_frames_per_chunk", "num_steps",
-             "show_control_condition", "show_input", "keep_input_resolution", "output_dir") + SPEC_MODALITIES
+_TOP_KEYS = (
+    "name",
+    "prompt",
+    "prompt_path",
+    "negative_prompt",
+    "seed",
+    "guidance",
+    "video_path",
+    "max_frames",
+    "num_conditional_frames",
+    "resolution",
+    "num_video_frames_per_chunk",
+    "num_steps",
+    "show_control_condition",
+    "show_input",
+    "keep_input_resolution",
+    "output_dir",
+) + SPEC_MODALITIES
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _MISSING = object()
 
@@ -101,21 +116,31 @@ class SpecError(ValueError):
 
 # A string literal (kept whole, so "http://x" survives), a comment, or a comma whose next
 # non-blank, non-comment character closes an object or array.
-_JSONC = re.compile(r'("(?:\\.|[^"\\\n])*")|//[^\n]*|/\*[\s\S]*?(?:\*/|$)'
-                    r'|,(?=(?:\s|//[^\n]*\n|/\*(?:[^*]|\*(?!/))*\*/)*[}\]])')
+_JSONC = re.compile(
+    r'("(?:\\.|[^"\\\n])*")|//[^\n]*|/\*[\s\S]*?(?:\*/|$)'
+    r"|,(?=(?:\s|//[^\n]*\n|/\*(?:[^*]|\*(?!/))*\*/)*[}\]])"
+)
 
 
 def strip_jsonc(text: str) -> str:
     """JSON-with-comments to JSON: drop `//` and `/* */` comments outside strings and commas that
     directly precede `}` or `]`. Newlines are kept, so JSON error line numbers still match the file."""
+
     def keep(m: re.Match) -> str:
         return m.group(1) or "\n" * m.group(0).count("\n")
 
     return _JSONC.sub(keep, text)
 
 
-_KINDS = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
-          dict: "object"}
+_KINDS = {
+    type(None): "null",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+}
 
 
 def _show(value: Any) -> str:
@@ -136,11 +161,13 @@ class _Checker:
 
     def unknown(self, key: str, shown: str, allowed: tuple[str, ...]) -> None:
         close = difflib.get_close_matches(key, allowed, n=1)
-        self.fail(shown, "unknown key" + (f" (did you mean {close[0]!r}?)" if close else
-                                          f" (allowed: {', '.join(allowed)})"))
+        self.fail(
+            shown, "unknown key" + (f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(allowed)})")
+        )
 
-    def get(self, obj: dict, key: str, where: str, default: Any, kinds: tuple, expected: str,
-            nullable: bool = False) -> Any:
+    def get(
+        self, obj: dict, key: str, where: str, default: Any, kinds: tuple, expected: str, nullable: bool = False
+    ) -> Any:
         value = obj.get(key, _MISSING)
         if value is _MISSING or (value is None and nullable):
             return default
@@ -216,8 +243,14 @@ def _read_prompt(c: _Checker, path: Path) -> str | None:
     return text.strip()
 
 
-def parse_spec(obj: dict, base_dir: Path, source: str, index: int = 0, require_control: bool = True,
-               annotated: tuple[str, ...] = ()) -> Spec:
+def parse_spec(
+    obj: dict,
+    base_dir: Path,
+    source: str,
+    index: int = 0,
+    require_control: bool = True,
+    annotated: tuple[str, ...] = (),
+) -> Spec:
     """Check one spec object and resolve it (paths against `base_dir`, the prompt file read).
 
     `source` says where it came from ("specs.jsonl:3"); with `index` it gives the default name.
@@ -249,15 +282,18 @@ def parse_spec(obj: dict, base_dir: Path, source: str, index: int = 0, require_c
     if prompt is not None and not prompt.strip():
         c.fail("prompt", "is empty")
 
-    resolution = c.get(obj, "resolution", "", "720", (int, str), "480, 720 or a \"HxW\" string")
+    resolution = c.get(obj, "resolution", "", "720", (int, str), '480, 720 or a "HxW" string')
     resolution = str(resolution)
     # HxW is for small test models (modules/pipeline.py generation_size); 480/720 pick Cosmos buckets.
     if resolution not in RESOLUTIONS and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", resolution):
-        c.fail("resolution", f"must be 480, 720 or \"HxW\", got {_show(obj.get('resolution'))}")
+        c.fail("resolution", f'must be 480, 720 or "HxW", got {_show(obj.get("resolution"))}')
         resolution = "720"
 
     spec = Spec(
-        name=name, prompt=prompt or "", source=source, resolution=resolution,
+        name=name,
+        prompt=prompt or "",
+        source=source,
+        resolution=resolution,
         negative_prompt=c.string(obj, "negative_prompt", DEFAULT_NEGATIVE_PROMPT),
         seed=c.integer(obj, "seed", 1, lo=0),
         guidance=c.number(obj, "guidance", 3.0, 0, 7),
@@ -287,16 +323,21 @@ def parse_spec(obj: dict, base_dir: Path, source: str, index: int = 0, require_c
                 c.fail(where + k, f"only allowed in the {owner[0]} block")
             elif k not in allowed:
                 c.unknown(k, where + k, allowed)
-        control = ControlSpec(control_path=c.path(block, "control_path", where),
-                              control_weight=c.number(block, "control_weight", 1.0, 0, 1, where),
-                              mask_path=c.path(block, "mask_path", where))
+        control = ControlSpec(
+            control_path=c.path(block, "control_path", where),
+            control_weight=c.number(block, "control_weight", 1.0, 0, 1, where),
+            mask_path=c.path(block, "mask_path", where),
+        )
         if preset:
             setattr(control, preset[0], c.choice(block, preset[0], "medium", preset[1], where))
         if block.get("control_path") is None:
             if not preset and key not in annotated:
-                c.fail(where + "control_path", f"missing: computed controls exist only for edge and vis "
-                                               f"(or with an annotator hook, infer --annotator); give a {key} "
-                                               "control video")
+                c.fail(
+                    where + "control_path",
+                    f"missing: computed controls exist only for edge and vis "
+                    f"(or with an annotator hook, infer --annotator); give a {key} "
+                    "control video",
+                )
             elif obj.get("video_path") is None:
                 c.fail(where + "control_path", f"missing, and no video_path to compute the {key} control from")
         spec.controls[key] = control
@@ -307,8 +348,13 @@ def parse_spec(obj: dict, base_dir: Path, source: str, index: int = 0, require_c
     return spec
 
 
-def load_specs(path: str | Path, keep_going: bool = False, require_control: bool = True,
-               overrides: dict | None = None, annotated: tuple[str, ...] = ()) -> tuple[list[Spec], list[str]]:
+def load_specs(
+    path: str | Path,
+    keep_going: bool = False,
+    require_control: bool = True,
+    overrides: dict | None = None,
+    annotated: tuple[str, ...] = (),
+) -> tuple[list[Spec], list[str]]:
     """Read, check and resolve the specs of a `.json` (one spec or a list) or `.jsonl` file.
 
     `overrides` (CLI flags such as {"num_steps": 4}) replace those keys in every spec before it is

@@ -94,8 +94,7 @@ class VideoTokenizer(nn.Module):
             return 1 + (frames - 1) // f
         if frames % f:
             raise ValueError(
-                f"{type(self).__name__} has temporal factor {f}: frame count must be divisible by {f}, "
-                f"got {frames}"
+                f"{type(self).__name__} has temporal factor {f}: frame count must be divisible by {f}, got {frames}"
             )
         return frames // f
 
@@ -221,8 +220,7 @@ class _NormalisedTokenizer(VideoTokenizer):
         if mean.shape[2] > 1 or std.shape[2] > 1:  # per-frame statistics (Cosmos ships these)
             if min(mean.shape[2], std.shape[2]) < frames:
                 raise ValueError(
-                    f"latent statistics cover {min(mean.shape[2], std.shape[2])} latent frames, "
-                    f"got {frames}"
+                    f"latent statistics cover {min(mean.shape[2], std.shape[2])} latent frames, got {frames}"
                 )
             mean, std = mean[:, :, :frames], std[:, :, :frames]
         # .float(): a caller may have cast the whole module to bf16; normalise in fp32 anyway
@@ -294,7 +292,10 @@ class CosmosJITTokenizer(_NormalisedTokenizer):
             with open(root / "config.json") as fh:
                 cfg.update({k: v for k, v in json.load(fh).items() if k in self.DEFAULTS})
         explicit = dict(
-            latent_channels=latent_channels, temporal_factor=temporal_factor, spatial_factor=spatial_factor, causal=causal
+            latent_channels=latent_channels,
+            temporal_factor=temporal_factor,
+            spatial_factor=spatial_factor,
+            causal=causal,
         )
         cfg.update({k: v for k, v in explicit.items() if v is not None})
         self.latent_channels = int(cfg["latent_channels"])
@@ -370,7 +371,9 @@ class WanTokenizer(_NormalisedTokenizer):
             root = Path(path)
             if not (root / "config.json").is_file():
                 # checked here because from_pretrained would read a missing dir as a Hub repo id
-                raise FileNotFoundError(f"Wan VAE: no config.json in {root} (expected a diffusers AutoencoderKLWan dir)")
+                raise FileNotFoundError(
+                    f"Wan VAE: no config.json in {root} (expected a diffusers AutoencoderKLWan dir)"
+                )
             vae = AutoencoderKLWan.from_pretrained(str(root), torch_dtype=_as_dtype(dtype), local_files_only=True)
         self.vae = vae
         if tiling:

@@ -6,16 +6,25 @@ import pytest
 
 from tools.bench import bench
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dmd2_turns_against_the_control_step(capsys):
-    rows = bench(mode="dmd2", preset="tiny", shapes="2x4x4", steps=1, device="cpu", dtype="float32",
-                 checkpointing="attention", variants="checkpointing=full")
+    rows = bench(
+        mode="dmd2",
+        preset="tiny",
+        shapes="2x4x4",
+        steps=1,
+        device="cpu",
+        dtype="float32",
+        checkpointing="attention",
+        variants="checkpointing=full",
+    )
     assert [(r["configuration"], r["entry"]) for r in rows] == [
-        (conf, entry) for conf in ("ckpt=attention attn=auto compile=0", "ckpt=full attn=auto compile=0")
-        for entry in ("control step", "student turn", "critic turn")]
+        (conf, entry)
+        for conf in ("ckpt=attention attn=auto compile=0", "ckpt=full attn=auto compile=0")
+        for entry in ("control step", "student turn", "critic turn")
+    ]
     for r in rows:
         assert r["error"] is None and r["shape"] == "2x4x4"
         assert r["seconds"] > 0 and math.isfinite(r["seconds"]), r

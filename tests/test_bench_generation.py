@@ -6,13 +6,22 @@ import pytest
 
 from tools.bench import bench
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_generation_rows_and_speed_up(capsys):
-    rows = bench(mode="generation", preset="tiny", shapes="2x4x4", steps=1, device="cpu", dtype="float32",
-                 teacher_steps=3, guidance=3.0, student_steps=2, decode="pixel")
+    rows = bench(
+        mode="generation",
+        preset="tiny",
+        shapes="2x4x4",
+        steps=1,
+        device="cpu",
+        dtype="float32",
+        teacher_steps=3,
+        guidance=3.0,
+        student_steps=2,
+        decode="pixel",
+    )
     assert [(r["shape"], r["impl"]) for r in rows] == [("2x4x4", "teacher"), ("2x4x4", "student")]
     by = {r["impl"]: r for r in rows}
     assert by["teacher"]["nfe"] == 3 * 2 and by["student"]["nfe"] == 2  # CFG doubles the teacher's calls

@@ -16,7 +16,6 @@ from modules.nets.dit import checkpoint_plan
 from tools.bench import Variant, parse_variants
 from trainers.fsdp import ShardingConfig, blocks_in_order, set_compile, shard_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -102,13 +101,22 @@ def test_bench_runs_variants_and_profiles(tmp_path, capsys):
     # the peer's side of the table is covered by test_cli's bench smoke test
     from tools.bench import bench
 
-    rows = bench(preset="tiny", device="cpu", dtype="float32", shapes="2x4x4", steps=1,
-                 checkpointing="attention", infer=False, profile=str(tmp_path),
-                 variants="checkpointing=partial:2:selective,shapes=2x2x2+2x4x4,profile=false")
+    rows = bench(
+        preset="tiny",
+        device="cpu",
+        dtype="float32",
+        shapes="2x4x4",
+        steps=1,
+        checkpointing="attention",
+        infer=False,
+        profile=str(tmp_path),
+        variants="checkpointing=partial:2:selective,shapes=2x2x2+2x4x4,profile=false",
+    )
     assert [(r["variant"], r["shape"]) for r in rows] == [
         ("ckpt=attention attn=auto compile=0", "2x4x4"),
         ("ckpt=partial:2:selective attn=auto compile=0", "2x2x2"),
-        ("ckpt=partial:2:selective attn=auto compile=0", "2x4x4")]
+        ("ckpt=partial:2:selective attn=auto compile=0", "2x4x4"),
+    ]
     assert all(r["infer_fwd_s"] is None and r["train_step_s"] > 0 for r in rows)
     assert [p.name for p in tmp_path.iterdir()] == ["vidistill_2x4x4_ckpt_attention_attn_auto_compile_0.txt"]
     assert "| 2x2x2 | vidistill | ckpt=partial:2:selective" in capsys.readouterr().out

@@ -52,8 +52,13 @@ REPORT_PEAK = "print('VmHWM', next(l.split()[1] for l in open('/proc/self/status
 
 def start(code: str, *args: str) -> subprocess.Popen:
     """`python -c code args` in a fresh interpreter that prints its peak RSS at the end."""
-    return subprocess.Popen([sys.executable, "-c", f"{code}\n{REPORT_PEAK}", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-c", f"{code}\n{REPORT_PEAK}", *args],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def peak_rss(proc: subprocess.Popen) -> int:
@@ -68,15 +73,39 @@ def peak_rss(proc: subprocess.Popen) -> int:
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt_tools")
     allowance = start(IMPORTS)  # meanwhile: its peak does not depend on the load of the machine
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "tests.test_checkpoint_tools", f"--out={tmp / 'run'}", "--steps=2", f"--ckpt_dir={tmp / 'ckpt'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "tests.test_checkpoint_tools",
+        f"--out={tmp / 'run'}",
+        "--steps=2",
+        f"--ckpt_dir={tmp / 'ckpt'}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = next((tmp / "ckpt").glob("*step=2*"))
-    rss = peak_rss(start("import sys; from tools.cli import main; main(sys.argv[1:])",
-                         "consolidate", str(ckpt), "--out", str(tmp / "out")))
-    return dict(tmp=tmp, ckpt=ckpt, out=tmp / "out", rss=rss, allowance=peak_rss(allowance),
-                params=torch.load(f"{tmp / 'run'}.params.pt"), live=json.loads(Path(f"{tmp / 'run'}.rank0.json").read_text()))
+    rss = peak_rss(
+        start(
+            "import sys; from tools.cli import main; main(sys.argv[1:])",
+            "consolidate",
+            str(ckpt),
+            "--out",
+            str(tmp / "out"),
+        )
+    )
+    return dict(
+        tmp=tmp,
+        ckpt=ckpt,
+        out=tmp / "out",
+        rss=rss,
+        allowance=peak_rss(allowance),
+        params=torch.load(f"{tmp / 'run'}.params.pt"),
+        live=json.loads(Path(f"{tmp / 'run'}.rank0.json").read_text()),
+    )
 
 
 def nbytes(path: Path) -> int:
@@ -95,8 +124,9 @@ def test_consolidate_equals_the_live_model(run):
     assert Denoiser.config_from(run["out"] / "model") == Denoiser.config_from(f"{run['tmp'] / 'run'}.export")
     Denoiser.from_pretrained(run["out"] / "model")
     # consolidate writes the stage's generation.json, as the live export did
-    assert (run["out"] / "model" / "generation.json").read_text() == \
-        (Path(f"{run['tmp'] / 'run'}.export") / "generation.json").read_text()
+    assert (run["out"] / "model" / "generation.json").read_text() == (
+        Path(f"{run['tmp'] / 'run'}.export") / "generation.json"
+    ).read_text()
     # without Stage.on_save_checkpoint's net_configs / ema_of: rebuilt from the hyperparameters
     source = Checkpoint(run["ckpt"])
     source.meta.pop("net_configs", None), source.meta.pop("ema_of", None)
@@ -111,8 +141,10 @@ def test_consolidate_peak_memory(run):
     # (torch's import alone maps ~500 MiB of libraries), consolidate 644-663 MiB: 84-107 MiB above it,
     # 1.2-1.5x the 71 MiB network from run to run (allocator noise). 2x still fails a tool that holds
     # two full copies of the network at once (the DCP load and a state dict copied from it)
-    print(f"peak RSS {run['rss'] / 2**20:.0f} MiB, allowance {run['allowance'] / 2**20:.0f} MiB, "
-          f"network {size / 2**20:.0f} MiB")
+    print(
+        f"peak RSS {run['rss'] / 2**20:.0f} MiB, allowance {run['allowance'] / 2**20:.0f} MiB, "
+        f"network {size / 2**20:.0f} MiB"
+    )
     assert run["rss"] - run["allowance"] <= 2.0 * size
 
 
@@ -166,6 +198,7 @@ def test_networks_of_any_stage(tmp_path):
     """A distillation-stage layout: every top-level Denoiser is found whatever its name, the GAN
     head is exported with its config, and the EMA goes with the student (same shapes as the teacher)."""
     import torch.distributed.checkpoint as dcp
+
     from modules.nets import preset
 
     cfgs = {"student": preset("tiny"), "teacher": preset("tiny"), "fake_score": preset("tiny")}
@@ -180,11 +213,22 @@ def test_networks_of_any_stage(tmp_path):
     state.update({"ema." + k.replace(".", "__"): v for k, v in ema.items()})
     ckpt = tmp_path / "last.ckpt"
     dcp.save({"state_dict": state}, checkpoint_id=str(ckpt), no_dist=True)
-    torch.save({"global_step": 7, "net_configs": {n: c.to_dict() for n, c in cfgs.items()},
-                "head_configs": {"gan_head": head.cfg.to_dict()}}, ckpt / "meta.pt")
+    torch.save(
+        {
+            "global_step": 7,
+            "net_configs": {n: c.to_dict() for n, c in cfgs.items()},
+            "head_configs": {"gan_head": head.cfg.to_dict()},
+        },
+        ckpt / "meta.pt",
+    )
     main(["consolidate", str(ckpt), "--out", str(tmp_path / "out")])
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ema", "fake_score", "gan_head", "student",
-                                                                    "teacher"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "ema",
+        "fake_score",
+        "gan_head",
+        "student",
+        "teacher",
+    ]
     got = load_file(tmp_path / "out" / "gan_head" / "model.safetensors")
     assert got.keys() == head.state_dict().keys() and all(torch.equal(got[k], v) for k, v in head.state_dict().items())
     assert json.loads((tmp_path / "out" / "gan_head" / "config.json").read_text())["taps"] == [1, 2]
@@ -243,7 +287,9 @@ def test_combine_checks_the_base(run, tmp_path):
     other.dit.dim, other.dit.heads = 128, 4
     Denoiser.build(other).save_pretrained(tmp_path / "other")
     with pytest.raises(SystemExit) as err:
-        main(["combine", str(tmp_path / "other"), "--control", str(parts / "control_edge"), "--out", str(tmp_path / "x")])
+        main(
+            ["combine", str(tmp_path / "other"), "--control", str(parts / "control_edge"), "--out", str(tmp_path / "x")]
+        )
     assert "another base" in str(err.value) and "dim 384 vs 128" in str(err.value)
     # same shapes, other weights: a full control directory shows the base it was trained on
     shutil.copytree(parts / "base", tmp_path / "retrained")
@@ -251,10 +297,27 @@ def test_combine_checks_the_base(run, tmp_path):
     state["net.final.weight"] = state["net.final.weight"] + 1
     Denoiser.from_pretrained(parts / "base").save_pretrained(tmp_path / "retrained", state)
     with pytest.warns(UserWarning, match="different base"):
-        main(["combine", str(tmp_path / "retrained"), "--control", str(run["out"] / "model"),
-              "--out", str(tmp_path / "y")])
+        main(
+            [
+                "combine",
+                str(tmp_path / "retrained"),
+                "--control",
+                str(run["out"] / "model"),
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
     with pytest.raises(SystemExit) as err:  # a branch the network already has
-        main(["combine", str(run["out"] / "model"), "--control", str(parts / "control_edge"), "--out", str(tmp_path / "z")])
+        main(
+            [
+                "combine",
+                str(run["out"] / "model"),
+                "--control",
+                str(parts / "control_edge"),
+                "--out",
+                str(tmp_path / "z"),
+            ]
+        )
     assert "already has" in str(err.value)
 
 

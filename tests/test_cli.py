@@ -18,8 +18,14 @@ def test_import_weights_command(tmp_path, capsys):
     assert list(model.controls) == ["depth"]
     x, text = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 3, 24)
     with torch.no_grad():
-        ref = tr(hidden_states=x, timestep=torch.tensor([0.5]), encoder_hidden_states=text,
-                 condition_mask=torch.zeros(1, 1, 2, 4, 4), padding_mask=torch.zeros(1, 1, 4, 4), return_dict=False)[0]
+        ref = tr(
+            hidden_states=x,
+            timestep=torch.tensor([0.5]),
+            encoder_hidden_states=text,
+            condition_mask=torch.zeros(1, 1, 2, 4, 4),
+            padding_mask=torch.zeros(1, 1, 4, 4),
+            return_dict=False,
+        )[0]
         got = model.velocity(x, torch.tensor([0.5]), Cond(text=text))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
@@ -31,8 +37,23 @@ def test_import_weights_bad_input_is_one_line(tmp_path):
 
 
 def test_bench_smoke_on_cpu(capsys):
-    main(["bench", "--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--shapes", "2x4x4",
-          "--steps", "1", "--peer", "diffusers"])
+    main(
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--shapes",
+            "2x4x4",
+            "--steps",
+            "1",
+            "--peer",
+            "diffusers",
+        ]
+    )
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in out.splitlines() if line.startswith('{"impl"')]
     assert {r["impl"] for r in rows} == {"vidistill", "diffusers"}

@@ -231,8 +231,16 @@ def test_validation_fixed_finite_disjoint(tmp_path):
     ordered = [f"v{s:02d}_{j:03d}" for s in range(3) for j in range(4)]
     per_rank = []
     for rank in (0, 1):
-        dm = make_dm(shards, val_shards=shards, val_samples=9, rank=rank, world_size=2, num_workers=2,
-                     batch_size=2, modality="edge")  # fmt: skip
+        dm = make_dm(
+            shards,
+            val_shards=shards,
+            val_samples=9,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            batch_size=2,
+            modality="edge",
+        )
         first, second = list(dm.val_dataloader()), list(dm.val_dataloader())
         assert len(first) == len(dm.val_dataloader()) == 3  # 5 samples per rank: 2 + 2 + 1
         assert keys(first) == keys(second)
@@ -265,8 +273,7 @@ def test_latents_and_text_embeddings(tmp_path):
         return out
 
     shards = write_shards(tmp_path, "l", [5], extras)
-    dm = make_dm(shards, use_latents=True, use_text_embeddings=True, modality="edge", batch_size=2,
-                 batches_per_epoch=2)  # fmt: skip
+    dm = make_dm(shards, use_latents=True, use_text_embeddings=True, modality="edge", batch_size=2, batches_per_epoch=2)
     batches = stream(dm)
     assert keys(batches) == ["l00_000", "l00_001", "l00_003", "l00_004"]
     assert dm.skipped_total == 1
@@ -321,8 +328,14 @@ class _Recorder(lightning.LightningModule):
 
 
 def _trainer(tmp_path, **kw):
-    args = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     args.update(kw)
     return lightning.Trainer(**args)
 

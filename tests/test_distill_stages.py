@@ -35,9 +35,16 @@ def teacher_dir(path, channels: int = LATENT[0], seed: int = 0) -> str:
 
 def trainer(steps: int, callbacks=(), **kw) -> L.Trainer:
     kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
-                     limit_val_batches=0, **kw)  # fmt: skip
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        limit_val_batches=0,
+        **kw,
+    )
 
 
 def state(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:
@@ -60,17 +67,23 @@ class Watch(Callback):
         self.prev["student_base"] = self.prev["student"]
 
     def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
-        self.changes.append({n: changed(self.prev[n], getattr(m, n)) for n in ("student", "teacher", "fake_score",
-                                                                                "gan_head")}
-                            | {"student_base": changed(self.prev["student"], m.student, "net.")})
+        self.changes.append(
+            {n: changed(self.prev[n], getattr(m, n)) for n in ("student", "teacher", "fake_score", "gan_head")}
+            | {"student_base": changed(self.prev["student"], m.student, "net.")}
+        )
         self.losses.append(float(outputs["loss"]))
 
 
 def dmd2(tmp_path, **kw) -> DMD2:
-    args = dict(teacher=NetSpec(init_from=teacher_dir(tmp_path / "teacher")), guidance=1.0, student_update_freq=3,
-                gan=GANSpec(weight=0.1, critic_weight=0.1, taps=(1,), hidden=32),
-                student_optim=OptimSpec(lr=1e-3, warmup_steps=1), critic_optim=OptimSpec(lr=1e-3, warmup_steps=1),
-                **NO_IO)  # fmt: skip
+    args = dict(
+        teacher=NetSpec(init_from=teacher_dir(tmp_path / "teacher")),
+        guidance=1.0,
+        student_update_freq=3,
+        gan=GANSpec(weight=0.1, critic_weight=0.1, taps=(1,), hidden=32),
+        student_optim=OptimSpec(lr=1e-3, warmup_steps=1),
+        critic_optim=OptimSpec(lr=1e-3, warmup_steps=1),
+        **NO_IO,
+    )
     return DMD2(**(args | kw))
 
 
@@ -89,8 +102,10 @@ def test_dmd2_turns_step_one_optimizer_each(tmp_path):
 
 
 def test_dmd2_control_only_student_and_accumulation(tmp_path):
-    module, watch = dmd2(tmp_path, student_trainable="control", micro_batches=2, gan=GANSpec(weight=0.0,
-                                                                                             critic_weight=0.0)), Watch()
+    module, watch = (
+        dmd2(tmp_path, student_trainable="control", micro_batches=2, gan=GANSpec(weight=0.0, critic_weight=0.0)),
+        Watch(),
+    )
     watch_gan = module.gan
     tr = trainer(3, [watch])
     tr.fit(module, loader(6, 2))
@@ -98,8 +113,9 @@ def test_dmd2_control_only_student_and_accumulation(tmp_path):
     assert tr.global_step == 3 and len(watch.changes) == 6  # two batches per turn
     first = watch.changes[:2]  # turn 0: a student turn; parameters move at its second batch only
     assert not first[0]["student"] and first[1]["student"] and not first[1]["student_base"]
-    assert sum(torch.numel(p) for p in module.student.parameters() if p.requires_grad) == \
-        sum(torch.numel(p) for p in module.student.controls.parameters())
+    assert sum(torch.numel(p) for p in module.student.parameters() if p.requires_grad) == sum(
+        torch.numel(p) for p in module.student.controls.parameters()
+    )
 
 
 def test_dmd2_resume_gives_the_same_losses(tmp_path):
@@ -124,11 +140,16 @@ def test_dmd2_resume_gives_the_same_losses(tmp_path):
 
 def kd_batch(n: int = 2, times=(1.0, 0.9375, 0.8333333, 0.625)) -> dict:
     g = torch.Generator().manual_seed(3)
-    return {"kd_noise": torch.randn(n, *LATENT, generator=g),
-            "kd_states": torch.randn(n, len(times), *LATENT, generator=g),
-            "kd_t": torch.tensor([list(times)] * n), "latent": torch.randn(n, *LATENT, generator=g),
-            "control_latent": torch.randn(n, *LATENT, generator=g), "text_emb": torch.randn(n, 6, 32, generator=g),
-            "text_mask": torch.ones(n, 6, dtype=torch.bool), "fps": torch.full((n,), 24.0)}  # fmt: skip
+    return {
+        "kd_noise": torch.randn(n, *LATENT, generator=g),
+        "kd_states": torch.randn(n, len(times), *LATENT, generator=g),
+        "kd_t": torch.tensor([list(times)] * n),
+        "latent": torch.randn(n, *LATENT, generator=g),
+        "control_latent": torch.randn(n, *LATENT, generator=g),
+        "text_emb": torch.randn(n, 6, 32, generator=g),
+        "text_mask": torch.ones(n, 6, dtype=torch.bool),
+        "fps": torch.full((n,), 24.0),
+    }
 
 
 def test_kd_inputs_are_the_saved_states(tmp_path):
@@ -151,8 +172,12 @@ def test_kd_inputs_are_the_saved_states(tmp_path):
 
 
 def test_kd_warmup_fits_the_teacher_targets(tmp_path):
-    module = KDWarmup(NetSpec(init_from=teacher_dir(tmp_path / "t")), optim=OptimSpec(lr=3e-3, warmup_steps=1),
-                      export_to=str(tmp_path / "student"), **NO_IO)  # fmt: skip
+    module = KDWarmup(
+        NetSpec(init_from=teacher_dir(tmp_path / "t")),
+        optim=OptimSpec(lr=3e-3, warmup_steps=1),
+        export_to=str(tmp_path / "student"),
+        **NO_IO,
+    )
     batch = kd_batch(4)
     module.configure_model()
     before = float(module.loss(batch, step=0))
@@ -179,12 +204,33 @@ def kd_data(tmp_path_factory):
     from tools.make_kd_data import make_kd_data
 
     d = tmp_path_factory.mktemp("kd")
-    write_synthetic_shards(str(d / "src"), num_samples=3, samples_per_shard=2, num_frames=4, height=32, width=32,
-                           controls=(), progress=False, floors=("plain",))  # fmt: skip
+    write_synthetic_shards(
+        str(d / "src"),
+        num_samples=3,
+        samples_per_shard=2,
+        num_frames=4,
+        height=32,
+        width=32,
+        controls=(),
+        progress=False,
+        floors=("plain",),
+    )
     teacher = teacher_dir(d / "teacher", channels=12)
-    kw = dict(teacher=teacher, shards=str(d / "src"), num_frames=4, height=32, width=32,
-              tokenizer_options={"spatial": 2}, max_length=16, steps=6, guidance=1.0, shift=3.0, t_shift=3.0,
-              samples_per_shard=2, progress=False)  # fmt: skip
+    kw = dict(
+        teacher=teacher,
+        shards=str(d / "src"),
+        num_frames=4,
+        height=32,
+        width=32,
+        tokenizer_options={"spatial": 2},
+        max_length=16,
+        steps=6,
+        guidance=1.0,
+        shift=3.0,
+        t_shift=3.0,
+        samples_per_shard=2,
+        progress=False,
+    )
     make_kd_data(out=str(d / "kd"), batch_size=2, **kw)
     return d, kw
 
@@ -198,15 +244,26 @@ def test_kd_data_reads_back_as_the_teacher_made_it(kd_data):
     from modules.tokenizer import build_tokenizer
 
     d, kw = kd_data
-    dm = VideoDataModule(str(d / "kd"), str(d / "kd"), batch_size=3, num_workers=0, num_frames=4, height=32,
-                         width=32, use_kd=True, use_text_embeddings=True, val_samples=3)  # fmt: skip
+    dm = VideoDataModule(
+        str(d / "kd"),
+        str(d / "kd"),
+        batch_size=3,
+        num_workers=0,
+        num_frames=4,
+        height=32,
+        width=32,
+        use_kd=True,
+        use_text_embeddings=True,
+        val_samples=3,
+    )
     dm.setup("validate")
     b = next(iter(dm.val_dataloader()))
     times = flow.student_t_list((1.0, 0.75, 0.5, 0.25), 3.0)
     assert b["kd_states"].shape == (3, 4, 12, 4, 16, 16) and torch.allclose(b["kd_t"][0], torch.tensor(times))
     assert torch.equal(b["kd_states"][:, 0], b["kd_noise"])  # t = 1 is the noise itself
-    src = VideoDataModule(str(d / "src"), str(d / "src"), batch_size=3, num_workers=0, num_frames=4, height=32,
-                          width=32, val_samples=3)  # fmt: skip
+    src = VideoDataModule(
+        str(d / "src"), str(d / "src"), batch_size=3, num_workers=0, num_frames=4, height=32, width=32, val_samples=3
+    )
     src.setup("validate")
     s = next(iter(src.val_dataloader()))
     assert b["key"] == s["key"] and b["caption"] == s["caption"]
@@ -218,11 +275,22 @@ def test_kd_data_reads_back_as_the_teacher_made_it(kd_data):
     tok = build_tokenizer("pixel", spatial=2)
     emb, mask = TextEncoder.tiny(max_length=16).encode(s["caption"][:1])
     assert torch.equal(emb, b["text_emb"][:1])
-    cond = Cond(text=emb, text_mask=mask, neg_text=torch.zeros_like(emb), neg_text_mask=torch.ones_like(mask),
-                controls={"edge": tok.encode(to_unit(b["control"][:1]))}, fps=float(s["fps"][0]))  # fmt: skip
+    cond = Cond(
+        text=emb,
+        text_mask=mask,
+        neg_text=torch.zeros_like(emb),
+        neg_text_mask=torch.ones_like(mask),
+        controls={"edge": tok.encode(to_unit(b["control"][:1]))},
+        fps=float(s["fps"][0]),
+    )
     seen = {}
-    x0 = Generator(net).sample(cond, b["kd_noise"][:1], SamplerConfig(steps=6, guidance=1.0, shift=3.0),
-                               through=times, on_state=lambda t, x: seen.__setitem__(t, x))  # fmt: skip
+    x0 = Generator(net).sample(
+        cond,
+        b["kd_noise"][:1],
+        SamplerConfig(steps=6, guidance=1.0, shift=3.0),
+        through=times,
+        on_state=lambda t, x: seen.__setitem__(t, x),
+    )
     torch.testing.assert_close(x0, b["latent"][:1], atol=1e-5, rtol=0)
     for k, t in enumerate(times):
         torch.testing.assert_close(seen[t], b["kd_states"][:1, k], atol=1e-5, rtol=0)

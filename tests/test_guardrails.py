@@ -4,8 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from modules.guardrails import (FaceBlur, Guardrails, HaarFaceDetector, PromptBlocklist,
-                                SafetyChecker, load_hook)
+from modules.guardrails import FaceBlur, Guardrails, HaarFaceDetector, PromptBlocklist, SafetyChecker, load_hook
 
 
 class StubChecker:

@@ -28,7 +28,7 @@ def moving_square(frames: int, seed: int = 0) -> np.ndarray:
     video = np.full((frames, H, W, 3), 40, np.uint8)
     color = rng.integers(120, 255, 3)
     for t in range(frames):
-        video[t, 8:20, 4 + 3 * t: 16 + 3 * t] = color
+        video[t, 8:20, 4 + 3 * t : 16 + 3 * t] = color
     return video
 
 
@@ -43,9 +43,11 @@ def model(tmp_path_factory) -> str:
         for p in net.controls.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     net.save_pretrained(path)
-    GenerationSettings(tokenizer={"kind": "pixel", "path": None, "options": {"spatial": 2}},
-                       text={"encoder": "tiny", "max_length": 16},
-                       sampler=asdict(SamplerConfig(steps=2, guidance=0.0, shift=3.0))).save(path)
+    GenerationSettings(
+        tokenizer={"kind": "pixel", "path": None, "options": {"spatial": 2}},
+        text={"encoder": "tiny", "max_length": 16},
+        sampler=asdict(SamplerConfig(steps=2, guidance=0.0, shift=3.0)),
+    ).save(path)
     return str(path)
 
 
@@ -84,8 +86,10 @@ def run_infer(*args):
 def test_multicontrol_spec_with_mask_writes_outputs(model, clips, tmp_path):
     (clips / "spec.json").write_text(MULTICONTROL)
     out = tmp_path / "out"
-    assert run_infer("-i", clips / "spec.json", "-o", out, "--model", model, "--disable-guardrails", "--lossless",
-                     "true") == 0
+    assert (
+        run_infer("-i", clips / "spec.json", "-o", out, "--model", model, "--disable-guardrails", "--lossless", "true")
+        == 0
+    )
     info = json.loads((out / "multi.json").read_text())
     assert info["nfe"] == 2 * 2 and info["frames"] == 4 and info["spec"]["edge"]["preset_edge_threshold"] == "low"
     for name in info["outputs"]:
@@ -118,8 +122,22 @@ def test_compiled_blocks_generate_the_same_video(model, clips, tmp_path):
     videos = {}
     for flag in ("false", "aot_eager"):
         out = tmp_path / flag
-        assert run_infer("-i", clips / "spec.json", "-o", out, "--model", model, "--disable-guardrails",
-                         "--lossless", "true", "--compile", flag) == 0
+        assert (
+            run_infer(
+                "-i",
+                clips / "spec.json",
+                "-o",
+                out,
+                "--model",
+                model,
+                "--disable-guardrails",
+                "--lossless",
+                "true",
+                "--compile",
+                flag,
+            )
+            == 0
+        )
         videos[flag] = decode_video((out / "multi.mkv").read_bytes())[0].astype(int)
     assert counters["stats"]["unique_graphs"] > 0  # the second run did compile
     assert np.abs(videos["false"] - videos["aot_eager"]).max() <= 1  # rounding to 8 bits at most
@@ -128,15 +146,20 @@ def test_compiled_blocks_generate_the_same_video(model, clips, tmp_path):
 def test_the_mask_and_weights_change_the_video(model, clips):
     specs, _ = load_specs(_write(clips, MULTICONTROL))
     settings = GenerationSettings.load(model)
-    pipe = Pipeline(build_generator(model, settings), settings, {c: torch.device("cpu") for c in
-                                                                ("text_encoder", "tokenizer", "dit")})
+    pipe = Pipeline(
+        build_generator(model, settings),
+        settings,
+        {c: torch.device("cpu") for c in ("text_encoder", "tokenizer", "dit")},
+    )
     full = pipe.run(specs[0]).video
     specs[0].controls["edge"].mask_path = None
     no_mask = pipe.run(specs[0]).video
     assert not np.array_equal(full, no_mask)
     # the mask covers the left half: there the edge branch still acts in both runs
-    assert np.abs(full.astype(int) - no_mask.astype(int))[:, :, W // 2 + 4:].mean() > \
-        np.abs(full.astype(int) - no_mask.astype(int))[:, :, : W // 2 - 4].mean()
+    assert (
+        np.abs(full.astype(int) - no_mask.astype(int))[:, :, W // 2 + 4 :].mean()
+        > np.abs(full.astype(int) - no_mask.astype(int))[:, :, : W // 2 - 4].mean()
+    )
 
 
 def _write(folder: Path, text: str, name: str = "spec.json") -> Path:
@@ -163,21 +186,46 @@ def test_blocklisted_prompt_is_refused(model, clips, tmp_path):
 
 
 def test_keep_going_runs_the_valid_specs(model, clips, tmp_path, capsys):
-    good = {"name": "ok", "prompt": "a square", "video_path": "input.mp4", "resolution": "32x48", "max_frames": 2,
-            "num_steps": 1, "guidance": 0, "edge": {}}
+    good = {
+        "name": "ok",
+        "prompt": "a square",
+        "video_path": "input.mp4",
+        "resolution": "32x48",
+        "max_frames": 2,
+        "num_steps": 1,
+        "guidance": 0,
+        "edge": {},
+    }
     lines = [json.dumps(good), json.dumps(dict(good, name="bad", guidance=9))]
     out = tmp_path / "out"
-    code = run_infer("-i", _write(clips, "\n".join(lines), "batch.jsonl"), "-o", out, "--model", model,
-                     "--disable-guardrails", "--keep-going")
+    code = run_infer(
+        "-i",
+        _write(clips, "\n".join(lines), "batch.jsonl"),
+        "-o",
+        out,
+        "--model",
+        model,
+        "--disable-guardrails",
+        "--keep-going",
+    )
     assert code == 1
     assert (out / "ok.json").is_file() and not (out / "bad.json").exists()
     assert "bad" in capsys.readouterr().err
 
 
 def long_spec(clips: Path, **kw) -> Path:
-    spec = {"name": "long", "prompt": "a square", "video_path": "input.mp4", "resolution": "32x48",
-            "num_video_frames_per_chunk": 4, "num_conditional_frames": 1, "num_steps": 2, "guidance": 0,
-            "edge": {}, **kw}
+    spec = {
+        "name": "long",
+        "prompt": "a square",
+        "video_path": "input.mp4",
+        "resolution": "32x48",
+        "num_video_frames_per_chunk": 4,
+        "num_conditional_frames": 1,
+        "num_steps": 2,
+        "guidance": 0,
+        "edge": {},
+        **kw,
+    }
     return _write(clips, json.dumps(spec))
 
 
@@ -199,16 +247,37 @@ def test_video2world_continues_the_input_and_text2world_needs_nothing(model, cli
     settings = GenerationSettings.load(model)
     cpu = {c: torch.device("cpu") for c in ("text_encoder", "tokenizer", "dit")}
     gen = build_generator(model, settings)
-    spec = {"name": "v2w", "prompt": "a square", "video_path": "input.mp4", "resolution": "32x48", "max_frames": 3,
-            "num_video_frames_per_chunk": 4, "num_conditional_frames": 1, "num_steps": 2, "guidance": 0}
+    spec = {
+        "name": "v2w",
+        "prompt": "a square",
+        "video_path": "input.mp4",
+        "resolution": "32x48",
+        "max_frames": 3,
+        "num_video_frames_per_chunk": 4,
+        "num_conditional_frames": 1,
+        "num_steps": 2,
+        "guidance": 0,
+    }
     specs, _ = load_specs(_write(clips, json.dumps(spec)), require_control=False)
     job = Pipeline(gen, settings, cpu, mode="video2world").run(specs[0])
     assert job.video.shape == (4, H, W, 3)
     assert np.array_equal(job.video[0], job.inputs.video[-1])  # the lossless tokenizer keeps it exactly
     out = tmp_path / "t2w"
     t2w = {"name": "t2w", "prompt": "a square", "resolution": "32x48", "max_frames": 3, "num_steps": 2, "guidance": 2}
-    assert run_infer("-i", _write(clips, json.dumps(t2w), "t2w.json"), "-o", out, "--model", model,
-                     "--mode", "text2world", "--disable-guardrails") == 0
+    assert (
+        run_infer(
+            "-i",
+            _write(clips, json.dumps(t2w), "t2w.json"),
+            "-o",
+            out,
+            "--model",
+            model,
+            "--mode",
+            "text2world",
+            "--disable-guardrails",
+        )
+        == 0
+    )
     assert json.loads((out / "t2w.json").read_text())["frames"] == 3
 
 
@@ -262,17 +331,57 @@ def test_placement_pipelines_text_encoder_and_tokenizer_around_the_dit():
 
 
 def test_batch_over_two_gloo_ranks_writes_every_output_once(model, clips, tmp_path):
-    lines = [json.dumps({"name": f"s{i}", "prompt": f"square {i}", "video_path": "input.mp4", "resolution": "32x48",
-                         "max_frames": 2, "num_steps": 1, "guidance": 0, "edge": {}}) for i in range(3)]
+    lines = [
+        json.dumps(
+            {
+                "name": f"s{i}",
+                "prompt": f"square {i}",
+                "video_path": "input.mp4",
+                "resolution": "32x48",
+                "max_frames": 2,
+                "num_steps": 1,
+                "guidance": 0,
+                "edge": {},
+            }
+        )
+        for i in range(3)
+    ]
     batch = _write(clips, "\n".join(lines), "batch.jsonl")
     out = tmp_path / "out"
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT="29517", PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([sys.executable, "-m", "tools.cli", "infer", "-i", str(batch), "-o", str(out),
-                                       "--model", model, "--disable-guardrails", "--device", "cpu"],
-                                      cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT="29517",
+            PYTHONPATH=str(ROOT),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tools.cli",
+                    "infer",
+                    "-i",
+                    str(batch),
+                    "-o",
+                    str(out),
+                    "--model",
+                    model,
+                    "--disable-guardrails",
+                    "--device",
+                    "cpu",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     errs = [p.communicate(timeout=240)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errs
     infos = {f.stem: json.loads(f.read_text()) for f in out.glob("s*.json")}
@@ -290,8 +399,14 @@ def test_an_annotator_hook_computes_a_control_without_control_path(clips):
     from modules.pipeline import load_inputs
     from modules.spec import SpecError
 
-    spec = {"name": "d", "prompt": "a square", "video_path": "input.mp4", "resolution": "32x48", "max_frames": 3,
-            "depth": {}}
+    spec = {
+        "name": "d",
+        "prompt": "a square",
+        "video_path": "input.mp4",
+        "resolution": "32x48",
+        "max_frames": 3,
+        "depth": {},
+    }
     path = _write(clips, json.dumps(spec))
     with pytest.raises(SpecError, match="annotator"):
         load_specs(path)
@@ -304,8 +419,16 @@ def test_make_specs_turns_shard_clips_into_specs(tmp_path):
     from tools.make_shards import make_shards
     from tools.make_specs import make_specs
 
-    make_shards(out=str(tmp_path / "shards"), synthetic="video", num_samples=3, samples_per_shard=2, num_frames=4,
-                height=32, width=48, progress=False)
+    make_shards(
+        out=str(tmp_path / "shards"),
+        synthetic="video",
+        num_samples=3,
+        samples_per_shard=2,
+        num_frames=4,
+        height=32,
+        width=48,
+        progress=False,
+    )
     path = make_specs(str(tmp_path / "shards"), out=str(tmp_path / "specs"), controls="edge,vis", num=2, num_steps=4)
     specs, _ = load_specs(path)
     assert len(specs) == 2 and all(set(s.controls) == {"edge", "vis"} and s.num_steps == 4 for s in specs)

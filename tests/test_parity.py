@@ -15,24 +15,66 @@ from tools.import_weights import CheckpointMismatch, import_weights, load_diffus
 
 CONFIGS = {
     "A": dict(
-        transformer=dict(in_channels=5, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=4,
-                         text_embed_dim=24, adaln_lora_dim=8, rope_scale=(1.0, 3.0, 3.0), extra_pos_embed_type=None,
-                         controlnet_block_every_n=2),
-        controlnet=dict(n_controlnet_blocks=2, in_channels=10, latent_channels=6, model_channels=32,
-                        num_attention_heads=2, attention_head_dim=16, text_embed_dim=24, adaln_lora_dim=8,
-                        rope_scale=(1.0, 3.0, 3.0)),
-        text_in=24, latent=4,
+        transformer=dict(
+            in_channels=5,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=4,
+            text_embed_dim=24,
+            adaln_lora_dim=8,
+            rope_scale=(1.0, 3.0, 3.0),
+            extra_pos_embed_type=None,
+            controlnet_block_every_n=2,
+        ),
+        controlnet=dict(
+            n_controlnet_blocks=2,
+            in_channels=10,
+            latent_channels=6,
+            model_channels=32,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            text_embed_dim=24,
+            adaln_lora_dim=8,
+            rope_scale=(1.0, 3.0, 3.0),
+        ),
+        text_in=24,
+        latent=4,
     ),
     "B": dict(
-        transformer=dict(in_channels=7, out_channels=6, num_attention_heads=3, attention_head_dim=24, num_layers=3,
-                         mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=12, rope_scale=(2.0, 1.0, 1.0),
-                         extra_pos_embed_type=None, use_crossattn_projection=True, crossattn_proj_in_channels=40,
-                         encoder_hidden_states_channels=16, controlnet_block_every_n=1),
-        controlnet=dict(n_controlnet_blocks=3, in_channels=12, latent_channels=8, model_channels=72,
-                        num_attention_heads=3, attention_head_dim=24, mlp_ratio=2.0, text_embed_dim=16,
-                        adaln_lora_dim=12, rope_scale=(2.0, 1.0, 1.0), use_crossattn_projection=True,
-                        crossattn_proj_in_channels=40, encoder_hidden_states_channels=16),
-        text_in=40, latent=6,
+        transformer=dict(
+            in_channels=7,
+            out_channels=6,
+            num_attention_heads=3,
+            attention_head_dim=24,
+            num_layers=3,
+            mlp_ratio=2.0,
+            text_embed_dim=16,
+            adaln_lora_dim=12,
+            rope_scale=(2.0, 1.0, 1.0),
+            extra_pos_embed_type=None,
+            use_crossattn_projection=True,
+            crossattn_proj_in_channels=40,
+            encoder_hidden_states_channels=16,
+            controlnet_block_every_n=1,
+        ),
+        controlnet=dict(
+            n_controlnet_blocks=3,
+            in_channels=12,
+            latent_channels=8,
+            model_channels=72,
+            num_attention_heads=3,
+            attention_head_dim=24,
+            mlp_ratio=2.0,
+            text_embed_dim=16,
+            adaln_lora_dim=12,
+            rope_scale=(2.0, 1.0, 1.0),
+            use_crossattn_projection=True,
+            crossattn_proj_in_channels=40,
+            encoder_hidden_states_channels=16,
+        ),
+        text_in=40,
+        latent=6,
     ),
 }
 SHARED = {"patch_embed_base": "patch_embed", "time_embed": "time_embed", "crossattn_proj": "crossattn_proj"}
@@ -96,13 +138,36 @@ def test_velocity_matches_diffusers(pair, fps, control, masks):
     with torch.no_grad():
         res = None
         if control:
-            res = cn(controls_latents=ctrl, latents=x, timestep=t_dif, encoder_hidden_states=text,
-                     condition_mask=cond_mask, padding_mask=pad, attention_mask=text_mask, fps=fps,
-                     return_dict=False)[0]
-        ref = tr(hidden_states=x, timestep=t_dif, encoder_hidden_states=text, block_controlnet_hidden_states=res,
-                 attention_mask=text_mask, fps=fps, condition_mask=cond_mask, padding_mask=pad, return_dict=False)[0]
-        cond = Cond(text=text, text_mask=text_mask, fps=fps, padding_mask=pad if masks else None,
-                    cond_frames=cond_frames if masks else None, controls={"edge": ctrl} if control else {})
+            res = cn(
+                controls_latents=ctrl,
+                latents=x,
+                timestep=t_dif,
+                encoder_hidden_states=text,
+                condition_mask=cond_mask,
+                padding_mask=pad,
+                attention_mask=text_mask,
+                fps=fps,
+                return_dict=False,
+            )[0]
+        ref = tr(
+            hidden_states=x,
+            timestep=t_dif,
+            encoder_hidden_states=text,
+            block_controlnet_hidden_states=res,
+            attention_mask=text_mask,
+            fps=fps,
+            condition_mask=cond_mask,
+            padding_mask=pad,
+            return_dict=False,
+        )[0]
+        cond = Cond(
+            text=text,
+            text_mask=text_mask,
+            fps=fps,
+            padding_mask=pad if masks else None,
+            cond_frames=cond_frames if masks else None,
+            controls={"edge": ctrl} if control else {},
+        )
         got = ours.velocity(x, t, cond)
     assert ref.abs().mean() > 0.1
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -141,17 +206,37 @@ def test_preset_parameter_counts_match_diffusers(name):
     with torch.device("meta"):
         ours = Denoiser(cfg)
         tr = CosmosTransformer3DModel(
-            in_channels=d.latent_channels + 1, out_channels=d.latent_channels, num_attention_heads=d.heads,
-            attention_head_dim=d.head_dim, num_layers=d.depth, text_embed_dim=d.text_dim,
-            adaln_lora_dim=d.adaln_lora_dim, rope_scale=d.rope_scale, extra_pos_embed_type=None,
-            use_crossattn_projection=True, crossattn_proj_in_channels=d.text_proj_in,
-            encoder_hidden_states_channels=d.text_dim, controlnet_block_every_n=c.every)
+            in_channels=d.latent_channels + 1,
+            out_channels=d.latent_channels,
+            num_attention_heads=d.heads,
+            attention_head_dim=d.head_dim,
+            num_layers=d.depth,
+            text_embed_dim=d.text_dim,
+            adaln_lora_dim=d.adaln_lora_dim,
+            rope_scale=d.rope_scale,
+            extra_pos_embed_type=None,
+            use_crossattn_projection=True,
+            crossattn_proj_in_channels=d.text_proj_in,
+            encoder_hidden_states_channels=d.text_dim,
+            controlnet_block_every_n=c.every,
+        )
         cn = CosmosControlNetModel(
-            n_controlnet_blocks=c.blocks, in_channels=c.channels + 2, latent_channels=d.latent_channels + 2,
-            model_channels=d.dim, num_attention_heads=d.heads, attention_head_dim=d.head_dim,
-            text_embed_dim=d.text_dim, adaln_lora_dim=d.adaln_lora_dim, use_crossattn_projection=True,
-            crossattn_proj_in_channels=d.text_proj_in, encoder_hidden_states_channels=d.text_dim)
-    count = lambda m: sum(p.numel() for p in m.parameters())
+            n_controlnet_blocks=c.blocks,
+            in_channels=c.channels + 2,
+            latent_channels=d.latent_channels + 2,
+            model_channels=d.dim,
+            num_attention_heads=d.heads,
+            attention_head_dim=d.head_dim,
+            text_embed_dim=d.text_dim,
+            adaln_lora_dim=d.adaln_lora_dim,
+            use_crossattn_projection=True,
+            crossattn_proj_in_channels=d.text_proj_in,
+            encoder_hidden_states_channels=d.text_dim,
+        )
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     # diffusers' ControlNet carries copies of base tensors that our branch shares with the base
     copies = sum(count(getattr(cn, n)) for n in SHARED)
     assert count(ours.net) == count(tr)

@@ -32,8 +32,20 @@ def test_every_stage_wrote_its_artifact(run):
     for folder, _, _, _ in RUNS_TO_COMPARE:
         assert len(list((runs / "out" / folder).glob("*.json"))) == 2, folder
     state = json.loads((out / "quickstart.json").read_text())
-    assert list(state["stages"]) == ["data", "base", "edge", "blur", "kd_data", "kd", "dmd2", "consolidate",
-                                     "combine", "specs", "infer", "evaluate"]
+    assert list(state["stages"]) == [
+        "data",
+        "base",
+        "edge",
+        "blur",
+        "kd_data",
+        "kd",
+        "dmd2",
+        "consolidate",
+        "combine",
+        "specs",
+        "infer",
+        "evaluate",
+    ]
     assert report.is_file()
     # the in-process Lightning runs leave no process group or launcher variables behind
     assert not torch.distributed.is_initialized() and "MASTER_PORT" not in os.environ
@@ -67,8 +79,9 @@ def test_the_consolidated_student_is_the_trained_one(run):
     ckpt = Denoiser.from_pretrained(runs / "dmd2" / "consolidated" / "student")  # from the DCP checkpoint
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, live.cfg.dit.latent_channels, 2, 8, 8, generator=g)
-    cond = Cond(text=torch.randn(1, 4, live.cfg.dit.text_dim, generator=g),
-                controls={"edge": torch.randn(x.shape, generator=g)})
+    cond = Cond(
+        text=torch.randn(1, 4, live.cfg.dit.text_dim, generator=g), controls={"edge": torch.randn(x.shape, generator=g)}
+    )
     with torch.no_grad():
         assert torch.equal(live.denoise(x, 0.7, cond), ckpt.denoise(x, 0.7, cond))
 

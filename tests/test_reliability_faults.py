@@ -6,7 +6,6 @@ each kind of mistake refused with the field named and nothing written."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import socket
 import tarfile
@@ -35,9 +34,19 @@ def fit2(zygote, cfg: Path, env: dict | None = None, timeout: float = 240) -> li
         port = s.getsockname()[1]
     runs = []
     for rank in (0, 1):
-        dist_env = {"RANK": rank, "LOCAL_RANK": rank, "GROUP_RANK": 0, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2,
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "test"}
-        runs.append(zygote.start(["fit", "--config", cfg], cfg.parent / f"log.rank{rank}", dict(dist_env, **(env or {}))))
+        dist_env = {
+            "RANK": rank,
+            "LOCAL_RANK": rank,
+            "GROUP_RANK": 0,
+            "WORLD_SIZE": 2,
+            "LOCAL_WORLD_SIZE": 2,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "TORCHELASTIC_RUN_ID": "test",
+        }
+        runs.append(
+            zygote.start(["fit", "--config", cfg], cfg.parent / f"log.rank{rank}", dict(dist_env, **(env or {})))
+        )
     return [(r.wait(timeout), r.output()) for r in runs]
 
 
@@ -64,8 +73,7 @@ def test_nan_loss_and_inf_grad_on_one_rank_are_skipped_by_both(zygote, tmp_path)
 
 def test_n_nonfinite_steps_in_a_row_stop_with_a_checkpoint(zygote, tmp_path):
     data = video_shards(tmp_path / "data")
-    cfg = recipe("control", tmp_path / "run", data, steps=8, every=100, devices=2,
-                 model={"max_nonfinite_steps": 2})
+    cfg = recipe("control", tmp_path / "run", data, steps=8, every=100, devices=2, model={"max_nonfinite_steps": 2})
     results = fit2(zygote, cfg, {"VIDISTILL_NAN": "1:2:loss,1:3:loss"})
     for rc, out in results:
         assert rc == 1, out
@@ -103,12 +111,16 @@ class _Poison(__import__("lightning").Callback):
                     break
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.before = {n: {k: v.clone() for k, v in getattr(module, n).state_dict().items()}
-                       for n in ("student", "fake_score", "gan_head", "ema")}
+        self.before = {
+            n: {k: v.clone() for k, v in getattr(module, n).state_dict().items()}
+            for n in ("student", "fake_score", "gan_head", "ema")
+        }
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        moved = {n: any(not torch.equal(v, getattr(module, n).state_dict()[k]) for k, v in s.items())
-                 for n, s in self.before.items()}
+        moved = {
+            n: any(not torch.equal(v, getattr(module, n).state_dict()[k]) for k, v in s.items())
+            for n, s in self.before.items()
+        }
         self.rows.append((trainer.global_step, module._skipped_step, moved))
 
 
@@ -144,7 +156,9 @@ def broken_shard(folder: Path) -> tuple[str, int]:
     broken = 0
     with wds.TarWriter(str(folder / "train-000000.tar")) as tw:
         for i in range(14):
-            frames = np.ascontiguousarray(synthetic_clip(__import__("random").Random(i), num_frames=6, height=SIZE, width=SIZE)[0])
+            frames = np.ascontiguousarray(
+                synthetic_clip(__import__("random").Random(i), num_frames=6, height=SIZE, width=SIZE)[0]
+            )
             mp4 = encode_video(frames, 8.0)
             s = {"__key__": f"s{i:03d}", "mp4": mp4, "txt": b"a moving shape"}
             kind = i % 2 and (i // 2) % 7
@@ -157,8 +171,9 @@ def broken_shard(folder: Path) -> tuple[str, int]:
             elif kind == 4:  # no caption
                 del s["txt"]
             elif kind == 5:  # control video of another size than its clip
-                s["edge.mp4"] = encode_video(compute_control("edge", np.stack([np.pad(f, ((0, 8), (0, 8), (0, 0)))
-                                                                                for f in frames])), 8.0)
+                s["edge.mp4"] = encode_video(
+                    compute_control("edge", np.stack([np.pad(f, ((0, 8), (0, 8), (0, 0))) for f in frames])), 8.0
+                )
             elif kind == 6:  # unreadable member: json that is not json
                 s["json"] = b"\xff{not json"
             broken += bool(kind)
@@ -170,11 +185,22 @@ def test_broken_samples_are_skipped_counted_and_logged_on_one_shard_for_two_rank
     """Fewer shards (1) than ranks x workers (2 x 1): no hang; every broken sample skipped and
     counted in the logged data/skipped metric; training runs to the end."""
     data, broken = broken_shard(tmp_path / "data")
-    cfg = recipe("control", tmp_path / "run", data, steps=3, every=100, devices=2,
-                 datamodule={"num_workers": 1, "batches_per_epoch": 3, "batch_size": 1},
-                 trainer={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                     "init_args": {"save_dir": str(tmp_path / "logs"), "name": "csv"}},
-                          "log_every_n_steps": 1})  # fmt: skip
+    cfg = recipe(
+        "control",
+        tmp_path / "run",
+        data,
+        steps=3,
+        every=100,
+        devices=2,
+        datamodule={"num_workers": 1, "batches_per_epoch": 3, "batch_size": 1},
+        trainer={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "logs"), "name": "csv"},
+            },
+            "log_every_n_steps": 1,
+        },
+    )
     results = fit2(zygote, cfg, timeout=180)
     for rc, out in results:
         assert rc == 0, out
@@ -187,16 +213,28 @@ def test_broken_samples_are_skipped_counted_and_logged_on_one_shard_for_two_rank
 
     total = 0
     for rank in (0, 1):
-        dm = VideoDataModule(data, batch_size=1, num_workers=0, num_frames=4, height=SIZE, width=SIZE,
-                             modality="edge", batches_per_epoch=3, rank=rank, world_size=2)  # fmt: skip
+        dm = VideoDataModule(
+            data,
+            batch_size=1,
+            num_workers=0,
+            num_frames=4,
+            height=SIZE,
+            width=SIZE,
+            modality="edge",
+            batches_per_epoch=3,
+            rank=rank,
+            world_size=2,
+        )
         dm.setup("fit")
         for b in dm.train_dataloader():
             dm.on_after_batch_transfer(b, 0)
             assert int(b["key"][0][1:]) % 2 == 0 or (int(b["key"][0][1:]) // 2) % 7 == 0, b["key"]
         total += dm.skipped_total
     assert total == skipped
-    print(f"{broken} broken samples in 1 shard for 2 ranks x 1 worker: {int(skipped)} met and skipped, "
-          "data/skipped logged, training finished")
+    print(
+        f"{broken} broken samples in 1 shard for 2 ranks x 1 worker: {int(skipped)} met and skipped, "
+        "data/skipped logged, training finished"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,22 +251,33 @@ def infer_inputs(tmp_path_factory):
     return d, teacher(d / "model")
 
 
-GOOD = {"name": "ok", "prompt": "a square", "video_path": "input.mp4", "resolution": f"{SIZE}x{SIZE}",
-        "max_frames": 2, "num_steps": 1, "guidance": 0, "edge": {}}
+GOOD = {
+    "name": "ok",
+    "prompt": "a square",
+    "video_path": "input.mp4",
+    "resolution": f"{SIZE}x{SIZE}",
+    "max_frames": 2,
+    "num_steps": 1,
+    "guidance": 0,
+    "edge": {},
+}
 
 
-@pytest.mark.parametrize("change, field, words", [
-    ({"num_steps": "4"}, "num_steps", "expected an integer"),
-    ({"seed": 1.5}, "seed", "expected an integer"),
-    ({"show_input": "yes"}, "show_input", "expected true or false"),
-    ({"edge": {"control_weight": "1"}}, "edge.control_weight", "expected a number"),
-    ({"video_path": "missing.mp4"}, "video_path", "file not found"),
-    ({"edge": {"control_path": "nope.mp4"}}, "edge.control_path", "file not found"),
-    ({"lidar": {"control_path": "input.mp4"}}, "lidar", "unknown control modality"),
-    ({"edge": {"control_weight": 1.5}}, "edge.control_weight", "between 0 and 1"),
-    ({"edge": {"control_weight": -0.1}}, "edge.control_weight", "between 0 and 1"),
-    ({"num_stepz": 4}, "num_stepz", "unknown key (did you mean 'num_steps'?)"),
-])
+@pytest.mark.parametrize(
+    "change, field, words",
+    [
+        ({"num_steps": "4"}, "num_steps", "expected an integer"),
+        ({"seed": 1.5}, "seed", "expected an integer"),
+        ({"show_input": "yes"}, "show_input", "expected true or false"),
+        ({"edge": {"control_weight": "1"}}, "edge.control_weight", "expected a number"),
+        ({"video_path": "missing.mp4"}, "video_path", "file not found"),
+        ({"edge": {"control_path": "nope.mp4"}}, "edge.control_path", "file not found"),
+        ({"lidar": {"control_path": "input.mp4"}}, "lidar", "unknown control modality"),
+        ({"edge": {"control_weight": 1.5}}, "edge.control_weight", "between 0 and 1"),
+        ({"edge": {"control_weight": -0.1}}, "edge.control_weight", "between 0 and 1"),
+        ({"num_stepz": 4}, "num_stepz", "unknown key (did you mean 'num_steps'?)"),
+    ],
+)
 def test_bad_spec_field_is_named_exit_nonzero_nothing_written(infer_inputs, tmp_path, change, field, words):
     from tools.cli import main
 
@@ -254,10 +303,11 @@ def test_unreadable_tar_header_skips_the_rest_of_the_shard(tmp_path):
     raw = bytearray(open(bad, "rb").read())
     with tarfile.open(bad) as tar:
         second = tar.getmembers()[2].offset  # header of sample 1's first member
-    raw[second: second + 512] = b"\x7f" * 512
+    raw[second : second + 512] = b"\x7f" * 512
     open(bad, "wb").write(bytes(raw))
-    dm = VideoDataModule([good, bad], batch_size=1, num_workers=0, num_frames=8, height=24, width=32, modality=None,
-                         batches_per_epoch=6)  # fmt: skip
+    dm = VideoDataModule(
+        [good, bad], batch_size=1, num_workers=0, num_frames=8, height=24, width=32, modality=None, batches_per_epoch=6
+    )
     dm.setup("fit")
     keys = [k for b in dm.train_dataloader() for k in dm.on_after_batch_transfer(b, 0)["key"]]
     assert len(keys) == 6 and dm.skipped_total >= 1 and "x00_001" not in keys

@@ -79,7 +79,7 @@ def resume_and_compare(zygote, cfg: Path, stage, tmp_path_factory, inputs, kille
     start = checkpoint_step(latest_checkpoint(root / "ckpt"))
     assert killed_at - EVERY <= start <= killed_at  # at most the steps since the last checkpoint are lost
     fit(zygote, cfg, "--ckpt_path", "last")
-    resumed = read_record(str(root / "losses.jsonl"))[len(rows):]
+    resumed = read_record(str(root / "losses.jsonl"))[len(rows) :]
     assert losses(resumed) == ref[start:], f"resumed from step {start}: losses differ"
     assert weights(root) == ref_weights, "final weights differ from the uninterrupted run's"
     return start
@@ -96,8 +96,7 @@ def test_kill9_at_a_seeded_step_resumes_exactly(zygote, inputs, tmp_path, tmp_pa
 
 
 @pytest.mark.parametrize("nth, which", [(1, "periodic"), (2, "last")])
-def test_kill9_inside_a_checkpoint_save_never_resumes_from_it(zygote, inputs, tmp_path, tmp_path_factory, nth,
-                                                               which):
+def test_kill9_inside_a_checkpoint_save_never_resumes_from_it(zygote, inputs, tmp_path, tmp_path_factory, nth, which):
     # step 4 writes epoch=1-step=4.ckpt, then last.ckpt (which already holds step 2's checkpoint)
     cfg = config("control", tmp_path, inputs)
     out = fit(zygote, cfg, env={"VIDISTILL_KILL_IN_SAVE": f"4:{nth}"}, expect=-signal.SIGKILL)
@@ -114,16 +113,22 @@ def test_kill9_inside_a_checkpoint_save_never_resumes_from_it(zygote, inputs, tm
     assert not list(ckpt.glob("*" + PARTIAL))  # the leftover was cleaned at the start
 
 
-def test_sigusr1_under_slurm_checkpoints_requeues_exits_and_resumes_exactly(zygote, inputs, tmp_path,
-                                                                            tmp_path_factory):
+def test_sigusr1_under_slurm_checkpoints_requeues_exits_and_resumes_exactly(zygote, inputs, tmp_path, tmp_path_factory):
     """A faked SLURM job (environment + a stub `scontrol` on PATH that records its arguments)."""
     stub = tmp_path / "bin"
     stub.mkdir()
     (stub / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
     (stub / "scontrol").chmod(0o755)
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "vidistill", "SLURM_PROCID": "0",
-             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
-             "PATH": f"{stub}:{os.environ['PATH']}"}
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "vidistill",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "PATH": f"{stub}:{os.environ['PATH']}",
+    }
     cfg = config("control", tmp_path, inputs)
     out = fit(zygote, cfg, env=dict(slurm, VIDISTILL_SIGUSR1_AT_STEP="3"), expect=0)
     # the signal lands before step 4; step 4 finishes, then every rank saves and stops

@@ -15,9 +15,9 @@ from safetensors.torch import load as st_load
 from datamodules.codec import decode_video, encode_video
 from datamodules.shards import expand_shards, iter_tar_samples
 from datamodules.synthetic import SHAPE_COLOURS, SHAPES, synthetic_clip, write_latent_shards, write_synthetic_shards
+from datamodules.writer import SkipSample, read_index, write_shards
 from tools.cli import main
 from tools.encode_text import encode_text
-from datamodules.writer import SkipSample, read_index, write_shards
 from tools.make_shards import make_shards
 
 T, H, W = 6, 32, 48
@@ -108,8 +108,9 @@ def test_encode_text_adds_embeddings_and_latents(tmp_path):
     from modules.tokenizer import build_tokenizer
 
     src, out = tmp_path / "syn", tmp_path / "enc"
-    write_synthetic_shards(str(src), num_samples=3, samples_per_shard=2, num_frames=4, height=H, width=W,
-                           progress=False)  # fmt: skip
+    write_synthetic_shards(
+        str(src), num_samples=3, samples_per_shard=2, num_frames=4, height=H, width=W, progress=False
+    )
     encode_text(str(src), str(out), tokenizer="pixel", num_frames=4, batch_size=2, progress=False)
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in src.glob("*.tar"))
     reference = TextEncoder.tiny()
@@ -179,6 +180,7 @@ def test_floor_colours_restrict_the_floor_and_keep_the_default_draws():
 def _interior(mask: np.ndarray) -> np.ndarray:
     """Pixels whose whole 5x5 neighbourhood is in `mask` (per frame): no edge can be there."""
     import cv2
+
     k = np.ones((5, 5), np.uint8)
     return np.stack([cv2.erode(m.astype(np.uint8), k) for m in mask]).astype(bool)
 
@@ -201,8 +203,15 @@ def test_synthetic_shards_deterministic_with_edges(tmp_path):
 
 
 def test_latent_shards_shapes(tmp_path):
-    write_latent_shards(str(tmp_path), num_samples=3, latent_shape=(4, 2, 6, 8), text_shape=(10, 12),
-                        samples_per_shard=2, control_modalities=("edge", "depth"), progress=False)  # fmt: skip
+    write_latent_shards(
+        str(tmp_path),
+        num_samples=3,
+        latent_shape=(4, 2, 6, 8),
+        text_shape=(10, 12),
+        samples_per_shard=2,
+        control_modalities=("edge", "depth"),
+        progress=False,
+    )
     got = samples(tmp_path)
     assert len(got) == 3 and read_index(tmp_path)["total"] == 3
     for s in got:
@@ -211,7 +220,9 @@ def test_latent_shards_shapes(tmp_path):
         assert all(v.shape == (4, 2, 6, 8) and v.dtype == torch.bfloat16 for v in lat.values())
         assert text["emb"].shape == (10, 12) and text["mask"].tolist() == [1] * 10
         assert "mp4" not in s and json.loads(s["json"])["fps"] == 24.0
-    assert not torch.equal(st_load(got[0]["latent.safetensors"])["latent"], st_load(got[1]["latent.safetensors"])["latent"])
+    assert not torch.equal(
+        st_load(got[0]["latent.safetensors"])["latent"], st_load(got[1]["latent.safetensors"])["latent"]
+    )
 
 
 def test_transfer1_kd_conversion(tmp_path):
@@ -253,8 +264,27 @@ def test_transfer1_kd_conversion(tmp_path):
 
 def test_cli_make_shards(tmp_path, capsys):
     out = tmp_path / "cli"
-    main(["make-shards", "--synthetic", "video", "--out", str(out), "--num_samples", "3", "--num_frames", "4",
-          "--height", "32", "--width", "32", "--samples_per_shard", "2", "--progress", "false"])  # fmt: skip
+    main(
+        [
+            "make-shards",
+            "--synthetic",
+            "video",
+            "--out",
+            str(out),
+            "--num_samples",
+            "3",
+            "--num_frames",
+            "4",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--samples_per_shard",
+            "2",
+            "--progress",
+            "false",
+        ]
+    )
     assert "wrote 3 samples in 2 shards" in capsys.readouterr().out
     assert read_index(out)["total"] == 3 and len(samples(out)) == 3
     with pytest.raises(SystemExit) as err:
@@ -264,6 +294,7 @@ def test_cli_make_shards(tmp_path, capsys):
 
 def test_shape_scale_grows_every_shape_and_keeps_the_captions():
     """shape_scale multiplies the shapes' size (more pixels off the floor) and draws the same scene."""
+
     def shape_pixels(scale: float) -> tuple[int, str]:
         frames, caption = synthetic_clip(random.Random(3), 4, 64, 96, ("plain",), ("black",), shape_scale=scale)
         return int((np.abs(frames.astype(int) - frames[0, 0, 0].astype(int)).sum(-1) > 0).sum()), caption

@@ -86,8 +86,14 @@ def touch(root: Path, *names: str) -> None:
 @pytest.fixture
 def assets(tmp_path) -> Path:
     a = "assets/robot_example/"
-    touch(tmp_path, a + "robot_input.mp4", a + "depth/robot_depth.mp4", a + "edge/robot_edge.mp4",
-          a + "seg/robot_seg.mp4", "input.mp4")
+    touch(
+        tmp_path,
+        a + "robot_input.mp4",
+        a + "depth/robot_depth.mp4",
+        a + "edge/robot_edge.mp4",
+        a + "seg/robot_seg.mp4",
+        "input.mp4",
+    )
     (tmp_path / a / "robot_prompt.json").write_text(json.dumps({"prompt": "  A robot arm folds a towel.\n"}))
     return tmp_path
 
@@ -135,33 +141,40 @@ def test_distilled_and_mask_examples(assets):
 
 
 def test_jsonl_default_names_and_comments(assets):
-    lines = ['// a batch', json.dumps(dict(GOOD, name=None)) + "  // first", "",
-             '{"prompt": "b", "video_path": "input.mp4", "vis": {"preset_blur_strength": "low",},}']
+    lines = [
+        "// a batch",
+        json.dumps(dict(GOOD, name=None)) + "  // first",
+        "",
+        '{"prompt": "b", "video_path": "input.mp4", "vis": {"preset_blur_strength": "low",},}',
+    ]
     specs, _ = load_specs(write(assets, "batch.jsonl", "\n".join(lines)))
     assert [s.name for s in specs] == ["batch_000", "batch_001"]
     assert [s.source for s in specs] == ["batch.jsonl:2", "batch.jsonl:4"]
     assert specs[1].controls["vis"].preset_blur_strength == "low"
 
 
-@pytest.mark.parametrize("change, field, words", [
-    ({"gudiance": 3}, "gudiance", "did you mean 'guidance'"),
-    ({"edge": {"control_wieght": 1}}, "edge.control_wieght", "did you mean 'control_weight'"),
-    ({"num_steps": "4"}, "num_steps", "expected an integer"),
-    ({"guidance": True}, "guidance", "expected a number"),
-    ({"guidance": 7.5}, "guidance", "between 0 and 7"),
-    ({"edge": {"control_weight": 1.5}}, "edge.control_weight", "between 0 and 1"),
-    ({"num_conditional_frames": 3}, "num_conditional_frames", "between 0 and 2"),
-    ({"seed": -1}, "seed", ">= 0"),
-    ({"edge": {"preset_edge_threshold": "huge"}}, "edge.preset_edge_threshold", "very_low, low, medium"),
-    ({"vis": {"preset_edge_threshold": "low"}}, "vis.preset_edge_threshold", "only allowed in the edge block"),
-    ({"video_path": "missing.mp4"}, "video_path", "file not found"),
-    ({"depth": {"control_weight": 0.5}}, "depth.control_path", "exist only for edge and vis"),
-    ({"video_path": None}, "edge.control_path", "no video_path"),
-    ({"name": "../robot"}, "name", "not a safe file stem"),
-    ({"seg": "seg.mp4"}, "seg", "expected an object"),
-    ({"resolution": "1080"}, "resolution", "480, 720"),
-    ({"prompt_path": "p.txt"}, "prompt", "not both"),
-])
+@pytest.mark.parametrize(
+    "change, field, words",
+    [
+        ({"gudiance": 3}, "gudiance", "did you mean 'guidance'"),
+        ({"edge": {"control_wieght": 1}}, "edge.control_wieght", "did you mean 'control_weight'"),
+        ({"num_steps": "4"}, "num_steps", "expected an integer"),
+        ({"guidance": True}, "guidance", "expected a number"),
+        ({"guidance": 7.5}, "guidance", "between 0 and 7"),
+        ({"edge": {"control_weight": 1.5}}, "edge.control_weight", "between 0 and 1"),
+        ({"num_conditional_frames": 3}, "num_conditional_frames", "between 0 and 2"),
+        ({"seed": -1}, "seed", ">= 0"),
+        ({"edge": {"preset_edge_threshold": "huge"}}, "edge.preset_edge_threshold", "very_low, low, medium"),
+        ({"vis": {"preset_edge_threshold": "low"}}, "vis.preset_edge_threshold", "only allowed in the edge block"),
+        ({"video_path": "missing.mp4"}, "video_path", "file not found"),
+        ({"depth": {"control_weight": 0.5}}, "depth.control_path", "exist only for edge and vis"),
+        ({"video_path": None}, "edge.control_path", "no video_path"),
+        ({"name": "../robot"}, "name", "not a safe file stem"),
+        ({"seg": "seg.mp4"}, "seg", "expected an object"),
+        ({"resolution": "1080"}, "resolution", "480, 720"),
+        ({"prompt_path": "p.txt"}, "prompt", "not both"),
+    ],
+)
 def test_each_problem_is_named(assets, change, field, words):
     [msg] = problems(assets, {**GOOD, **change})
     spec = change.get("name", "robot")

@@ -62,7 +62,12 @@ def test_pixel_shapes_and_inverse_rules() -> None:
 
 @pytest.mark.parametrize(
     "frames,height,width,match",
-    [(5, 16, 16, "divisible by 2"), (4, 18, 16, "multiples of 4"), (4, 16, 10, "multiples of 4"), (0, 16, 16, "at least 1")],
+    [
+        (5, 16, 16, "divisible by 2"),
+        (4, 18, 16, "multiples of 4"),
+        (4, 16, 10, "multiples of 4"),
+        (0, 16, 16, "at least 1"),
+    ],
 )
 def test_pixel_bad_sizes_raise(frames: int, height: int, width: int, match: str) -> None:
     tok = PixelTokenizer(spatial=4, temporal=2)
@@ -131,7 +136,9 @@ def _scripted() -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
         return torch.jit.script(_CausalEncoder().eval()), torch.jit.script(_CausalDecoder().eval())
 
 
-def _write_cosmos(root: Path, config: bool = True) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule, Tensor, Tensor]:
+def _write_cosmos(
+    root: Path, config: bool = True
+) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule, Tensor, Tensor]:
     enc, dec = _scripted()
     torch.manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)
@@ -142,7 +149,9 @@ def _write_cosmos(root: Path, config: bool = True) -> tuple[torch.jit.ScriptModu
     std = torch.rand(C, 3) + 0.5
     torch.save((mean, std), root / "mean_std.pt")
     if config:
-        (root / "config.json").write_text(json.dumps({"latent_channels": C, "temporal_factor": TF, "spatial_factor": SF}))
+        (root / "config.json").write_text(
+            json.dumps({"latent_channels": C, "temporal_factor": TF, "spatial_factor": SF})
+        )
     return enc, dec, mean.view(1, C, 3, 1, 1), std.view(1, C, 3, 1, 1)
 
 
@@ -239,7 +248,9 @@ def test_wan_channels_last_and_compiled_decoder_decode_the_same(wan: tuple[Path,
         WanTokenizer()
 
 
-def test_wan_rules_dtype_and_errors(wan: tuple[Path, nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wan_rules_dtype_and_errors(
+    wan: tuple[Path, nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     wan_dir = wan[0]
     tok = WanTokenizer(wan_dir, dtype="bfloat16")
     assert tok.vae.dtype == torch.bfloat16

@@ -102,8 +102,9 @@ def test_losses_by_hand() -> None:
     # confident and right -> ~0; per-logit softplus averaged per sample for patch logits
     assert distill.gan_discriminator_loss(torch.tensor([20.0]), torch.tensor([-20.0])) < 1e-8
     patch = torch.tensor([[0.0, 20.0], [-20.0, 0.0]])
-    assert_close(distill.gan_generator_loss(patch), torch.tensor([math.log(2) / 2, (20 + math.log(2)) / 2]),
-                 atol=1e-6, rtol=0)
+    assert_close(
+        distill.gan_generator_loss(patch), torch.tensor([math.log(2) / 2, (20 + math.log(2)) / 2]), atol=1e-6, rtol=0
+    )
 
 
 def test_masks_exclude_elements() -> None:
@@ -121,8 +122,10 @@ def test_masks_exclude_elements() -> None:
     losses = {  # (masked, the same loss on the kept frames only)
         "kd": (lambda a, b, c: distill.kd_loss(a, b, mask), lambda a, b, c: distill.kd_loss(a, b)),
         "dmd": (lambda a, b, c: distill.dmd_loss(a, b, c, mask), lambda a, b, c: distill.dmd_loss(a, b, c)),
-        "fake_score": (lambda a, b, c: distill.fake_score_loss(a, b, x_t, t, mask),
-                       lambda a, b, c: distill.fake_score_loss(a, b, x_t[:, :, 1:], t)),
+        "fake_score": (
+            lambda a, b, c: distill.fake_score_loss(a, b, x_t, t, mask),
+            lambda a, b, c: distill.fake_score_loss(a, b, x_t[:, :, 1:], t),
+        ),
     }
     for name, (masked, kept) in losses.items():
         ref = masked(a, b, c)
@@ -171,8 +174,15 @@ def test_critic_times() -> None:
     assert abs(t.mean().item() - 0.5) < 0.01  # U(0.02, 0.98) without shift
     ts = distill.critic_times(20_000, shift=5.0, generator=gen(0))
     assert ts.min() >= 0.02 - 1e-6 and ts.max() <= 0.98 + 1e-6
-    assert_close(ts, flow.shift(flow.unshift(0.02, 5.0) + (flow.unshift(0.98, 5.0) - flow.unshift(0.02, 5.0))
-                                * torch.rand(20_000, generator=gen(0), dtype=torch.float64), 5.0).float())
+    assert_close(
+        ts,
+        flow.shift(
+            flow.unshift(0.02, 5.0)
+            + (flow.unshift(0.98, 5.0) - flow.unshift(0.02, 5.0))
+            * torch.rand(20_000, generator=gen(0), dtype=torch.float64),
+            5.0,
+        ).float(),
+    )
     assert torch.equal(distill.critic_times(8, 3.0, gen(4)), distill.critic_times(8, 3.0, gen(4)))
 
 
@@ -194,8 +204,9 @@ def test_turn_losses_route_gradients() -> None:
     t, eps = torch.full((4,), 0.5), torch.randn(4, 2, generator=gen(6))
     loss, parts = distill.generator_turn_loss(x0_gen, t, eps, real_fn, fake_fn, disc_fn, gan_weight=0.1)
     x_t = flow.add_noise(x0_gen, eps, t).detach()
-    want = (distill.dmd_loss(x0_gen, real_fn(x_t, t), fake_fn(x_t, t))
-            + 0.1 * distill.gan_generator_loss(disc_fn(x_t, t)))
+    want = distill.dmd_loss(x0_gen, real_fn(x_t, t), fake_fn(x_t, t)) + 0.1 * distill.gan_generator_loss(
+        disc_fn(x_t, t)
+    )
     assert_close(loss, want)
     assert set(parts) == {"dmd", "gan"}
     loss.sum().backward()
@@ -246,8 +257,9 @@ def dmd2(request, teacher, kd_student) -> toy.DMD2Result:
 
 def _report(name: str, x: torch.Tensor, data: torch.Tensor) -> tuple[torch.Tensor, float]:
     frac, ed = toy.mode_fractions(x), toy.energy_distance(x, data)
-    print(f"\n{name}: modes {[round(f, 4) for f in frac.tolist()]} in some mode {frac.sum():.4f} "
-          f"energy distance {ed:.5f}")
+    print(
+        f"\n{name}: modes {[round(f, 4) for f in frac.tolist()]} in some mode {frac.sum():.4f} energy distance {ed:.5f}"
+    )
     return frac, ed
 
 
@@ -265,8 +277,9 @@ def test_kd_student_beats_untrained(teacher, kd_student, z, data) -> None:
 
 def test_dmd2_student_improves_on_kd(dmd2, kd_student, z, data) -> None:
     _, ed_kd = _report("KD 1-step", toy.student_sample(kd_student, z), data)
-    frac, ed = _report(f"DMD2 1-step (GAN head on {dmd2.cfg.features} features)",
-                       toy.student_sample(dmd2.student, z), data)
+    frac, ed = _report(
+        f"DMD2 1-step (GAN head on {dmd2.cfg.features} features)", toy.student_sample(dmd2.student, z), data
+    )
     assert torch.all(frac >= 0.05), frac
     assert ed < ed_kd
     # every turn is one global step and steps one side: the student on turns 0, f, 2f, ...

@@ -22,8 +22,16 @@ def run(out: Path, nproc: int = 1, **kw) -> list[dict]:
     if nproc == 1:
         cmd = [sys.executable, "-m", "tests.helpers.train_worker", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "tests.helpers.train_worker", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "tests.helpers.train_worker",
+            *args,
+        ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)]
@@ -74,8 +82,12 @@ def test_resume_gives_the_same_losses(tmp_path):
 
 
 def test_zero_initialised_control_starts_at_the_base_loss():
-    module = ControlTraining(net=NetSpec("tiny"), modality="edge", text=TextSpec(encoder="none"),
-                             sharding=ShardingConfig(param_dtype="none", checkpointing="none"))
+    module = ControlTraining(
+        net=NetSpec("tiny"),
+        modality="edge",
+        text=TextSpec(encoder="none"),
+        sharding=ShardingConfig(param_dtype="none", checkpointing="none"),
+    )
     module.configure_model()
     batch = {k: torch.stack([sample(i)[k] for i in range(3)]) for k in sample(0)}
     with torch.no_grad():

@@ -16,15 +16,15 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from modules.denoiser import Cond, Denoiser
-from modules.nets import preset as net_preset
 from modules.nets import forward_flops, set_backend
+from modules.nets import preset as net_preset
 from modules.nets.dit import checkpoint_plan
 
 # latent grids (T, H, W) of the Wan2.1 tokenizer (4x8x8) for 93 frames
@@ -74,10 +74,15 @@ def make_inputs(cfg, grid, device, dtype, seed=0):
     T, H, W = grid
     C = cfg.dit.latent_channels
     r = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g)
-    return dict(x=r(1, C, T, H, W), ctrl=r(1, C, T, H, W), text=r(1, TEXT_TOKENS, cfg.dit.text_dim),
-                target=r(1, C, T, H, W), t=torch.full((1,), 0.5, device=device, dtype=dtype),
-                cond_mask=torch.zeros(1, 1, T, H, W, device=device, dtype=dtype),
-                pad=torch.zeros(1, 1, H * 8, W * 8, device=device, dtype=dtype))
+    return dict(
+        x=r(1, C, T, H, W),
+        ctrl=r(1, C, T, H, W),
+        text=r(1, TEXT_TOKENS, cfg.dit.text_dim),
+        target=r(1, C, T, H, W),
+        t=torch.full((1,), 0.5, device=device, dtype=dtype),
+        cond_mask=torch.zeros(1, 1, T, H, W, device=device, dtype=dtype),
+        pad=torch.zeros(1, 1, H * 8, W * 8, device=device, dtype=dtype),
+    )
 
 
 @dataclasses.dataclass
@@ -154,14 +159,26 @@ class Diffusers:
 
         d, c = cfg.dit, cfg.control
         self.tr = CosmosTransformer3DModel(
-            in_channels=d.latent_channels + 1, out_channels=d.latent_channels, num_attention_heads=d.heads,
-            attention_head_dim=d.head_dim, num_layers=d.depth, text_embed_dim=d.text_dim,
-            adaln_lora_dim=d.adaln_lora_dim, controlnet_block_every_n=c.every, concat_padding_mask=True,
-            extra_pos_embed_type=None).to(device, dtype)
+            in_channels=d.latent_channels + 1,
+            out_channels=d.latent_channels,
+            num_attention_heads=d.heads,
+            attention_head_dim=d.head_dim,
+            num_layers=d.depth,
+            text_embed_dim=d.text_dim,
+            adaln_lora_dim=d.adaln_lora_dim,
+            controlnet_block_every_n=c.every,
+            concat_padding_mask=True,
+            extra_pos_embed_type=None,
+        ).to(device, dtype)
         self.cn = CosmosControlNetModel(
-            n_controlnet_blocks=c.blocks, in_channels=c.channels + 2, latent_channels=d.latent_channels + 2,
-            model_channels=d.dim, num_attention_heads=d.heads, attention_head_dim=d.head_dim,
-            text_embed_dim=d.text_dim).to(device, dtype)
+            n_controlnet_blocks=c.blocks,
+            in_channels=c.channels + 2,
+            latent_channels=d.latent_channels + 2,
+            model_channels=d.dim,
+            num_attention_heads=d.heads,
+            attention_head_dim=d.head_dim,
+            text_embed_dim=d.text_dim,
+        ).to(device, dtype)
         self.tr.requires_grad_(False)
         if checkpointing:
             self.tr.enable_gradient_checkpointing()
@@ -169,11 +186,24 @@ class Diffusers:
         self.params = list(self.cn.parameters())
 
     def forward(self, x):
-        res = self.cn(controls_latents=x["ctrl"], latents=x["x"], timestep=x["t"], encoder_hidden_states=x["text"],
-                      condition_mask=x["cond_mask"], padding_mask=x["pad"], return_dict=False)[0]
-        return self.tr(hidden_states=x["x"], timestep=x["t"], encoder_hidden_states=x["text"],
-                       block_controlnet_hidden_states=res, condition_mask=x["cond_mask"], padding_mask=x["pad"],
-                       return_dict=False)[0]
+        res = self.cn(
+            controls_latents=x["ctrl"],
+            latents=x["x"],
+            timestep=x["t"],
+            encoder_hidden_states=x["text"],
+            condition_mask=x["cond_mask"],
+            padding_mask=x["pad"],
+            return_dict=False,
+        )[0]
+        return self.tr(
+            hidden_states=x["x"],
+            timestep=x["t"],
+            encoder_hidden_states=x["text"],
+            block_controlnet_hidden_states=res,
+            condition_mask=x["cond_mask"],
+            padding_mask=x["pad"],
+            return_dict=False,
+        )[0]
 
 
 def measure(impl, cfg, grids, device, steps, peak_tflops, infer=True, profile: str | None = None) -> list[dict]:
@@ -183,13 +213,36 @@ def measure(impl, cfg, grids, device, steps, peak_tflops, infer=True, profile: s
     rows = []
     for shape, grid in grids.items():
         try:
-            rows.append(measure_shape(impl, opt, cfg, shape, grid, device, steps, peak_tflops, infer,
-                                      profile if shape == list(grids)[-1] else None))
+            rows.append(
+                measure_shape(
+                    impl,
+                    opt,
+                    cfg,
+                    shape,
+                    grid,
+                    device,
+                    steps,
+                    peak_tflops,
+                    infer,
+                    profile if shape == list(grids)[-1] else None,
+                )
+            )
         except torch.OutOfMemoryError as e:
             opt.zero_grad(set_to_none=True)
-            rows.append(dict(impl=impl.name, variant=impl.variant, shape=shape, error="out of memory: "
-                             + str(e).split(".")[0], train_step_s=None, train_peak_GiB=None, train_mfu=None,
-                             infer_fwd_s=None, infer_peak_GiB=None, infer_mfu=None))
+            rows.append(
+                dict(
+                    impl=impl.name,
+                    variant=impl.variant,
+                    shape=shape,
+                    error="out of memory: " + str(e).split(".")[0],
+                    train_step_s=None,
+                    train_peak_GiB=None,
+                    train_mfu=None,
+                    infer_fwd_s=None,
+                    infer_peak_GiB=None,
+                    infer_mfu=None,
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
         free(device)
     return rows
@@ -222,10 +275,18 @@ def measure_shape(impl, opt, cfg, shape, grid, device, steps, peak_tflops, infer
     def mfu(f: float, sec: float | None) -> float | None:
         return round(f / sec / (peak_tflops * 1e12), 3) if device.type == "cuda" and sec else None
 
-    row = dict(impl=impl.name, variant=impl.variant, shape=shape, tokens=tokens, train_step_s=round(train_s, 3),
-               train_peak_GiB=train_mem and round(train_mem, 1), train_mfu=mfu(3 * flops, train_s),
-               infer_fwd_s=infer_s and round(infer_s, 3), infer_peak_GiB=infer_mem and round(infer_mem, 1),
-               infer_mfu=mfu(flops, infer_s))
+    row = dict(
+        impl=impl.name,
+        variant=impl.variant,
+        shape=shape,
+        tokens=tokens,
+        train_step_s=round(train_s, 3),
+        train_peak_GiB=train_mem and round(train_mem, 1),
+        train_mfu=mfu(3 * flops, train_s),
+        infer_fwd_s=infer_s and round(infer_s, 3),
+        infer_peak_GiB=infer_mem and round(infer_mem, 1),
+        infer_mfu=mfu(flops, infer_s),
+    )
     print(json.dumps(row), flush=True)
     if profile:
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{impl.name}_{shape}_{impl.variant}").strip("_")
@@ -361,8 +422,20 @@ def bench(
     if mode == "scale":
         from tools.bench_scale import bench_scale
 
-        return bench_scale(preset, shapes or "720p_93f", dmd2_shapes, steps, device, dtype, ckpt, dmd2_checkpointing,
-                           compile, parts, context_parallel, profile)
+        return bench_scale(
+            preset,
+            shapes or "720p_93f",
+            dmd2_shapes,
+            steps,
+            device,
+            dtype,
+            ckpt,
+            dmd2_checkpointing,
+            compile,
+            parts,
+            context_parallel,
+            profile,
+        )
     if shapes is None:
         shapes = "480p_93f" if mode == "dmd2" else "480p_93f,720p_93f"
     if mode == "data":
@@ -372,14 +445,38 @@ def bench(
     if mode == "generation":
         from tools.bench_generation import bench_generation
 
-        return bench_generation(preset, shapes, steps, device, dtype, teacher_steps, guidance, student_steps,
-                                decode, modalities, attention_backend, compile=compile,
-                                decode_channels_last=decode_channels_last, decode_compile=decode_compile)
+        return bench_generation(
+            preset,
+            shapes,
+            steps,
+            device,
+            dtype,
+            teacher_steps,
+            guidance,
+            student_steps,
+            decode,
+            modalities,
+            attention_backend,
+            compile=compile,
+            decode_channels_last=decode_channels_last,
+            decode_compile=decode_compile,
+        )
     if mode == "dmd2":
         from tools.bench_dmd2 import bench_dmd2
 
-        return bench_dmd2(preset, shapes, steps, device, dtype, ckpt, compile, attention_backend, variants,
-                          student_trainable, peak_tflops)
+        return bench_dmd2(
+            preset,
+            shapes,
+            steps,
+            device,
+            dtype,
+            ckpt,
+            compile,
+            attention_backend,
+            variants,
+            student_trainable,
+            peak_tflops,
+        )
     if mode != "net":
         raise ValueError(f"mode must be net, data, generation, dmd2 or scale, got {mode!r}")
     if peer not in (None, "diffusers"):
@@ -397,9 +494,15 @@ def bench(
             parse_shape(s)
     set_backend("auto")  # the peer uses SDPA as torch chooses, as its reference script does
     peer_ckpt = any(checkpoint_plan(base.checkpointing, 1))
-    header = dict(command="vidistill " + " ".join(sys.argv[1:]), torch=torch.__version__, python=platform.python_version(),
-                  device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-                  preset=preset, config=dataclasses.asdict(cfg.dit), control=dataclasses.asdict(cfg.control))
+    header = dict(
+        command="vidistill " + " ".join(sys.argv[1:]),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        preset=preset,
+        config=dataclasses.asdict(cfg.dit),
+        control=dataclasses.asdict(cfg.control),
+    )
     if dev.type == "cuda":
         header["cudnn"] = torch.backends.cudnn.version()
         # the backend "auto" picks for our attention shape: torch prefers cuDNN over its own
@@ -445,14 +548,19 @@ def free(device: torch.device) -> None:
 def format_table(rows: list[dict]) -> str:
     """Markdown table; ratio = peer time / our time (above 1: we are faster), one line per
     configuration of ours and shape."""
-    lines = ["| shape | impl | variant | train step s | train peak GiB | train MFU | infer fwd s | infer peak GiB "
-             "| infer MFU |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | impl | variant | train step s | train peak GiB | train MFU | infer fwd s | infer peak GiB "
+        "| infer MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("error"):
             lines.append(f"| {r['shape']} | {r['impl']} | {r['variant']} | {r['error']} | | | | | |")
             continue
-        lines.append(f"| {r['shape']} | {r['impl']} | {r['variant']} | {r['train_step_s']} | {r['train_peak_GiB']} "
-                     f"| {r['train_mfu']} | {r['infer_fwd_s']} | {r['infer_peak_GiB']} | {r['infer_mfu']} |")
+        lines.append(
+            f"| {r['shape']} | {r['impl']} | {r['variant']} | {r['train_step_s']} | {r['train_peak_GiB']} "
+            f"| {r['train_mfu']} | {r['infer_fwd_s']} | {r['infer_peak_GiB']} | {r['infer_mfu']} |"
+        )
     peers = {r["shape"]: r for r in rows if r["impl"] != "vidistill" and not r.get("error")}
     if peers:
         lines.append("")
@@ -461,6 +569,8 @@ def format_table(rows: list[dict]) -> str:
         if o["impl"] != "vidistill" or p is None or o.get("error"):
             continue
         infer = f", inference {p['infer_fwd_s'] / o['infer_fwd_s']:.2f}x" if o["infer_fwd_s"] else ""
-        lines.append(f"{o['shape']} [{o['variant']}]: speed-up vs {p['impl']}: "
-                     f"train {p['train_step_s'] / o['train_step_s']:.2f}x{infer}")
+        lines.append(
+            f"{o['shape']} [{o['variant']}]: speed-up vs {p['impl']}: "
+            f"train {p['train_step_s'] / o['train_step_s']:.2f}x{infer}"
+        )
     return "\n".join(lines)

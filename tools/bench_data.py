@@ -68,9 +68,17 @@ def synth_source_clip(seed: int, num_frames: int, height: int, width: int) -> np
     tex = _pink_texture(rng, height * 3 // 2, width * 3 // 2)
     vy, vx = rng.uniform(-1.5, 1.5, 2) * min(height, width) / 480  # pixels per frame
     y0, x0 = (tex.shape[0] - height) / 2, (tex.shape[1] - width) / 2
-    shapes = [(rng.uniform(0, width), rng.uniform(0, height), rng.uniform(-4, 4), rng.uniform(-3, 3),
-               rng.uniform(0.04, 0.12) * height, tuple(int(c) for c in rng.integers(0, 256, 3)))
-              for _ in range(4)]  # fmt: skip
+    shapes = [
+        (
+            rng.uniform(0, width),
+            rng.uniform(0, height),
+            rng.uniform(-4, 4),
+            rng.uniform(-3, 3),
+            rng.uniform(0.04, 0.12) * height,
+            tuple(int(c) for c in rng.integers(0, 256, 3)),
+        )
+        for _ in range(4)
+    ]
     noise = np.empty((7, height, width, 3), np.int16)
     for n in noise:
         cv2.randn(n, 0, SENSOR)
@@ -184,8 +192,10 @@ def bench_data(
         "cv2_threads": cv2.getNumThreads(),
         "python": platform.python_version(),
     }
-    print(f"# data loading: {env['cpu']}, {env['cores']} cores, OpenCV {env['cv2']} "
-          f"({env['cv2_threads']} threads), Python {env['python']}")  # fmt: skip
+    print(
+        f"# data loading: {env['cpu']}, {env['cores']} cores, OpenCV {env['cv2']} "
+        f"({env['cv2_threads']} threads), Python {env['python']}"
+    )
     rows = []
     shard_videos = _shard_sources(shards) if shards is not None else None
     with tempfile.TemporaryDirectory(prefix="vidistill-bench-data-") as tmp:
@@ -206,21 +216,30 @@ def bench_data(
                 clips = sum(n for n, _ in results)
                 elapsed = max(e for _, e in results)
                 row = {
-                    "resolution": name, "height": h, "width": w, "frames": num_frames, "edge": on,
-                    "workers": workers, "clips": clips, "seconds": round(elapsed, 2),
+                    "resolution": name,
+                    "height": h,
+                    "width": w,
+                    "frames": num_frames,
+                    "edge": on,
+                    "workers": workers,
+                    "clips": clips,
+                    "seconds": round(elapsed, 2),
                     "clips_per_s": round(clips / elapsed, 3),
                     "clips_per_s_per_worker": round(clips / elapsed / workers, 3),
                     "ms_per_clip": round(1000 * elapsed * workers / max(clips, 1), 1),
                     "frames_per_s_per_worker": round(clips * num_frames / elapsed / workers, 1),
-                    "source": source, **env,
-                }  # fmt: skip
+                    "source": source,
+                    **env,
+                }
                 print(json.dumps(row))
                 rows.append(row)
     print()
     print("| resolution | frames | edge | workers | clips/s per worker | ms per clip | frames/s per worker |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['resolution']} ({r['height']}x{r['width']}) | {r['frames']} | {'on' if r['edge'] else 'off'} | "
-              f"{r['workers']} | {r['clips_per_s_per_worker']:.2f} | {r['ms_per_clip']:.0f} | "
-              f"{r['frames_per_s_per_worker']:.0f} |")  # fmt: skip
+        print(
+            f"| {r['resolution']} ({r['height']}x{r['width']}) | {r['frames']} | {'on' if r['edge'] else 'off'} | "
+            f"{r['workers']} | {r['clips_per_s_per_worker']:.2f} | {r['ms_per_clip']:.0f} | "
+            f"{r['frames_per_s_per_worker']:.0f} |"
+        )
     return rows

@@ -42,8 +42,19 @@ from modules.dmd2 import DMD2, GANSpec
 from modules.nets import preset as net_preset
 from modules.nets import set_backend
 from modules.nets.dit import checkpoint_plan
-from tools.bench import TEXT_TOKENS, Ours, Variant, free, make_inputs, measure, parse_shape, parse_variants, \
-    peak_gib, reset_peak, timed
+from tools.bench import (
+    TEXT_TOKENS,
+    Ours,
+    Variant,
+    free,
+    make_inputs,
+    measure,
+    parse_shape,
+    parse_variants,
+    peak_gib,
+    reset_peak,
+    timed,
+)
 from trainers.fsdp import ShardingConfig, set_checkpointing, set_compile
 from trainers.stage import NetSpec, OptimSpec, TextSpec, TokenizerSpec
 
@@ -64,8 +75,9 @@ def _cast(value, dtype: torch.dtype):
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() else value
     if isinstance(value, Cond):
-        return dataclasses.replace(value, **{f.name: _cast(getattr(value, f.name), dtype)
-                                             for f in dataclasses.fields(value)})
+        return dataclasses.replace(
+            value, **{f.name: _cast(getattr(value, f.name), dtype) for f in dataclasses.fields(value)}
+        )
     if isinstance(value, dict):
         return {k: _cast(v, dtype) for k, v in value.items()}
     return value
@@ -84,21 +96,39 @@ def cast_inputs(model: Denoiser, dtype: torch.dtype) -> None:
         setattr(model, name, call)
 
 
-def build_stage(preset: str, device: torch.device, dtype: torch.dtype, checkpointing: str, compile: bool,
-                student_trainable: str, mesh=None) -> OnDevice:
+def build_stage(
+    preset: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    checkpointing: str,
+    compile: bool,
+    student_trainable: str,
+    mesh=None,
+) -> OnDevice:
     """The DMD2 stage with the 2b edge dmd2.yaml's settings (see the module docstring). With a
     device `mesh` (tools/bench_scale.py) the networks are sharded as in a `fit` run: FSDP2 over
     the mesh, fp32 parameters computed in `dtype` by the mixed-precision policy."""
     depth = net_preset(preset).dit.depth
     stage = OnDevice(
-        teacher=NetSpec(preset=preset, overrides={"text_proj_in": None}), modality="edge",
-        t_list=(1.0, 0.75, 0.5, 0.25), t_shift=5.0, student_trainable=student_trainable, guidance=3.0,
-        negative_prompt=None, student_update_freq=5,
-        gan=GANSpec(weight=1e-3, critic_weight=1e-2, features="fake_score", taps=(max(0, depth // 2 - 1),),
-                    hidden=1024),
-        student_optim=OptimSpec(lr=1e-6, warmup_steps=100), critic_optim=OptimSpec(lr=2e-7, warmup_steps=100),
-        gradient_clip=1.0, max_cond_frames=2, tokenizer=TokenizerSpec(kind="none"), text=TextSpec(encoder="none"),
-        sharding=ShardingConfig(checkpointing=checkpointing, compile=compile))  # fmt: skip
+        teacher=NetSpec(preset=preset, overrides={"text_proj_in": None}),
+        modality="edge",
+        t_list=(1.0, 0.75, 0.5, 0.25),
+        t_shift=5.0,
+        student_trainable=student_trainable,
+        guidance=3.0,
+        negative_prompt=None,
+        student_update_freq=5,
+        gan=GANSpec(
+            weight=1e-3, critic_weight=1e-2, features="fake_score", taps=(max(0, depth // 2 - 1),), hidden=1024
+        ),
+        student_optim=OptimSpec(lr=1e-6, warmup_steps=100),
+        critic_optim=OptimSpec(lr=2e-7, warmup_steps=100),
+        gradient_clip=1.0,
+        max_cond_frames=2,
+        tokenizer=TokenizerSpec(kind="none"),
+        text=TextSpec(encoder="none"),
+        sharding=ShardingConfig(checkpointing=checkpointing, compile=compile),
+    )
     stage.bench_device = device
     if mesh is not None:
         stage._device_mesh = mesh
@@ -158,10 +188,19 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def bench_dmd2(preset: str = "2b", shapes: str = "480p_93f", steps: int = 1, device: str = "cuda",
-               dtype: str = "bfloat16", checkpointing: str = "full", compile: bool = False,
-               attention_backend: str = "auto", variants: str | None = None, student_trainable: str = "all",
-               peak_tflops: float = 790.0) -> list[dict]:
+def bench_dmd2(
+    preset: str = "2b",
+    shapes: str = "480p_93f",
+    steps: int = 1,
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    checkpointing: str = "full",
+    compile: bool = False,
+    attention_backend: str = "auto",
+    variants: str | None = None,
+    student_trainable: str = "all",
+    peak_tflops: float = 790.0,
+) -> list[dict]:
     """Time the control step, a DMD2 student turn and a critic turn per configuration and shape;
     print JSON rows and a table; return the rows (ratio = time / the control step's time in the
     same configuration and shape). `variants`: tools.bench.parse_variants syntax; the keys used
@@ -188,8 +227,7 @@ def bench_dmd2(preset: str = "2b", shapes: str = "480p_93f", steps: int = 1, dev
     for v, shape, grid in plan:
         impl.configure(v)
         r = measure(impl, cfg, {shape: grid}, dev, v.steps or steps, peak_tflops, infer=False)[0]
-        control[v.label(), shape] = dict(seconds=r["train_step_s"], peak_GiB=r["train_peak_GiB"],
-                                         error=r.get("error"))
+        control[v.label(), shape] = dict(seconds=r["train_step_s"], peak_GiB=r["train_peak_GiB"], error=r.get("error"))
     del impl
     free(dev)
 
@@ -198,16 +236,29 @@ def bench_dmd2(preset: str = "2b", shapes: str = "480p_93f", steps: int = 1, dev
     prime_optimizers(optimizers)
     turns = full_simulation_turns(stage)
     count = lambda params: sum(p.numel() for p in params if p.requires_grad)
-    header = dict(command="vidistill " + " ".join(sys.argv[1:]), mode="dmd2", torch=torch.__version__,
-                  python=platform.python_version(),
-                  device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-                  preset=preset, dtype=dtype, student_trainable=student_trainable, t_list=list(stage.times),
-                  guidance=stage.guidance, gan=dataclasses.asdict(stage.gan), max_cond_frames=stage.max_cond_frames,
-                  turns={"student": turns[True], "critic": turns[False]}, exit_step=len(stage.times) - 1,
-                  trainable_params={"control step": control_params,
-                                    "student": count(stage.student.parameters()),
-                                    "critic": count(stage.critic_parameters())},
-                  config=dataclasses.asdict(cfg.dit), control=dataclasses.asdict(cfg.control))
+    header = dict(
+        command="vidistill " + " ".join(sys.argv[1:]),
+        mode="dmd2",
+        torch=torch.__version__,
+        python=platform.python_version(),
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        preset=preset,
+        dtype=dtype,
+        student_trainable=student_trainable,
+        t_list=list(stage.times),
+        guidance=stage.guidance,
+        gan=dataclasses.asdict(stage.gan),
+        max_cond_frames=stage.max_cond_frames,
+        turns={"student": turns[True], "critic": turns[False]},
+        exit_step=len(stage.times) - 1,
+        trainable_params={
+            "control step": control_params,
+            "student": count(stage.student.parameters()),
+            "critic": count(stage.critic_parameters()),
+        },
+        config=dataclasses.asdict(cfg.dit),
+        control=dataclasses.asdict(cfg.control),
+    )
     print(json.dumps(header), flush=True)
 
     rows = []
@@ -217,23 +268,43 @@ def bench_dmd2(preset: str = "2b", shapes: str = "480p_93f", steps: int = 1, dev
             set_compile(net, v.compile)
         set_backend(v.attention_backend)
         x = make_inputs(cfg, grid, dev, dt)  # the control step's inputs
-        batch = {"latent": x["x"], "control_latent": x["ctrl"], "text_emb": x["text"],
-                 "text_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.bool, device=dev)}
+        batch = {
+            "latent": x["x"],
+            "control_latent": x["ctrl"],
+            "text_emb": x["text"],
+            "text_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.bool, device=dev),
+        }
         ctrl = control[v.label(), shape]
         common = dict(shape=shape, configuration=v.label())
-        rows.append(dict(common, entry="control step", exit_step=None, seconds=ctrl["seconds"],
-                         peak_GiB=ctrl["peak_GiB"], ratio=1.0 if ctrl["seconds"] else None, error=ctrl["error"]))
+        rows.append(
+            dict(
+                common,
+                entry="control step",
+                exit_step=None,
+                seconds=ctrl["seconds"],
+                peak_GiB=ctrl["peak_GiB"],
+                ratio=1.0 if ctrl["seconds"] else None,
+                error=ctrl["error"],
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
         for entry, student in (("student turn", True), ("critic turn", False)):
-            row = dict(common, entry=entry, exit_step=len(stage.times) - 1, seconds=None, peak_GiB=None, ratio=None,
-                       error=None)
+            row = dict(
+                common, entry=entry, exit_step=len(stage.times) - 1, seconds=None, peak_GiB=None, ratio=None, error=None
+            )
             try:
                 reset_peak(dev)
-                sec = timed(lambda: turn_step(stage, optimizers, schedulers, batch, turns[student], student),
-                            v.steps or steps, dev)
+                sec = timed(
+                    lambda: turn_step(stage, optimizers, schedulers, batch, turns[student], student),
+                    v.steps or steps,
+                    dev,
+                )
                 mem = peak_gib(dev)
-                row.update(seconds=_sig(sec), peak_GiB=mem and round(mem, 1),
-                           ratio=round(sec / ctrl["seconds"], 2) if ctrl["seconds"] else None)
+                row.update(
+                    seconds=_sig(sec),
+                    peak_GiB=mem and round(mem, 1),
+                    ratio=round(sec / ctrl["seconds"], 2) if ctrl["seconds"] else None,
+                )
             except torch.OutOfMemoryError as e:
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
@@ -254,8 +325,10 @@ def format_table(rows: list[dict]) -> str:
         if r["error"]:
             lines.append(f"| {r['shape']} | {r['configuration']} | {r['entry']} | {r['error']} | | |")
         else:
-            lines.append(f"| {r['shape']} | {r['configuration']} | {r['entry']} | {r['seconds']} | {r['peak_GiB']} "
-                         f"| {r['ratio']} |")
+            lines.append(
+                f"| {r['shape']} | {r['configuration']} | {r['entry']} | {r['seconds']} | {r['peak_GiB']} "
+                f"| {r['ratio']} |"
+            )
     lines.append("")
     groups: dict[tuple[str, str], dict[str, dict]] = {}
     for r in rows:

@@ -18,7 +18,7 @@ import json
 import math
 import platform
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -33,8 +33,9 @@ DECODERS = ("wan2.1", "pixel", "none")
 Decoder = tuple[Callable[[torch.Tensor], torch.Tensor] | None, int | None, int, int]
 
 
-def make_decoder(kind: str, device: torch.device, dtype: torch.dtype, channels_last: bool = False,
-                 compile: bool = False) -> Decoder:
+def make_decoder(
+    kind: str, device: torch.device, dtype: torch.dtype, channels_last: bool = False, compile: bool = False
+) -> Decoder:
     """(decode, latent_channels, temporal_factor, spatial_factor); decode and channels None for `none`.
     `channels_last` and `compile` are WanTokenizer's options of the same names (wan2.1 only)."""
     if kind == "none":
@@ -59,11 +60,22 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 1, device: str = "cuda",
-                     dtype: str = "bfloat16", teacher_steps: int = 35, guidance: float = 3.0, student_steps: int = 4,
-                     decode: str = "wan2.1", modalities: str = "edge", attention_backend: str = "auto",
-                     compile: bool = False, decode_channels_last: bool = False,
-                     decode_compile: bool = False) -> list[dict]:
+def bench_generation(
+    preset: str = "2b",
+    shapes: str = "480p_93f",
+    steps: int = 1,
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    teacher_steps: int = 35,
+    guidance: float = 3.0,
+    student_steps: int = 4,
+    decode: str = "wan2.1",
+    modalities: str = "edge",
+    attention_backend: str = "auto",
+    compile: bool = False,
+    decode_channels_last: bool = False,
+    decode_compile: bool = False,
+) -> list[dict]:
     """Time teacher and student sampling (+ decoding) per shape; print JSON rows and a table; return
     the rows. `compile`: torch.compile each block (inductor), as `sharding.compile` in training.
     `decode_channels_last`, `decode_compile`: WanTokenizer's `channels_last` and `compile`."""
@@ -83,19 +95,35 @@ def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 
 
     set_compile(model, compile)
     gen = Generator(model).eval()
-    samplers = {"teacher": SamplerConfig(sampler="euler", steps=teacher_steps, guidance=guidance),
-                # steps and guidance are unused by the student sampler; set so the header reads true
-                "student": SamplerConfig(sampler="student", steps=student_steps, guidance=0.0,
-                                         t_list=tuple(1 - i / student_steps for i in range(student_steps)))}
+    samplers = {
+        "teacher": SamplerConfig(sampler="euler", steps=teacher_steps, guidance=guidance),
+        # steps and guidance are unused by the student sampler; set so the header reads true
+        "student": SamplerConfig(
+            sampler="student",
+            steps=student_steps,
+            guidance=0.0,
+            t_list=tuple(1 - i / student_steps for i in range(student_steps)),
+        ),
+    }
     nfe = {"teacher": teacher_steps * (2 if guidance else 1), "student": student_steps}
-    header = dict(command="vidistill " + " ".join(sys.argv[1:]), mode="generation", torch=torch.__version__,
-                  python=platform.python_version(),
-                  device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-                  preset=preset, dtype=dtype, modalities=cfg.modalities, decode=decode, compile=compile,
-                  decode_channels_last=decode_channels_last, decode_compile=decode_compile,
-                  attention_backend=attention_backend,
-                  samplers={k: dataclasses.asdict(v) for k, v in samplers.items()},
-                  config=dataclasses.asdict(cfg.dit), control=dataclasses.asdict(cfg.control))
+    header = dict(
+        command="vidistill " + " ".join(sys.argv[1:]),
+        mode="generation",
+        torch=torch.__version__,
+        python=platform.python_version(),
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        preset=preset,
+        dtype=dtype,
+        modalities=cfg.modalities,
+        decode=decode,
+        compile=compile,
+        decode_channels_last=decode_channels_last,
+        decode_compile=decode_compile,
+        attention_backend=attention_backend,
+        samplers={k: dataclasses.asdict(v) for k, v in samplers.items()},
+        config=dataclasses.asdict(cfg.dit),
+        control=dataclasses.asdict(cfg.control),
+    )
     print(json.dumps(header), flush=True)
 
     rows = []
@@ -104,8 +132,11 @@ def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 
         g = torch.Generator(device=dev).manual_seed(0)
         r = lambda *s: torch.randn(*s, device=dev, dtype=dt, generator=g)
         noise = r(1, cfg.dit.latent_channels, T, H, W)
-        cond = Cond(text=r(1, TEXT_TOKENS, cfg.dit.text_dim), neg_text=r(1, TEXT_TOKENS, cfg.dit.text_dim),
-                    controls={m: r(1, cfg.dit.latent_channels, T, H, W) for m in cfg.modalities})
+        cond = Cond(
+            text=r(1, TEXT_TOKENS, cfg.dit.text_dim),
+            neg_text=r(1, TEXT_TOKENS, cfg.dit.text_dim),
+            controls={m: r(1, cfg.dit.latent_channels, T, H, W) for m in cfg.modalities},
+        )
         video = f"{1 + tf * (T - 1)}x{H * sf}x{W * sf}" if decode_fn else None
         for impl, sampler in samplers.items():
             out = {}
@@ -121,9 +152,19 @@ def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 
                 warm = lambda: [decode_fn(out["x0"]) for _ in range(1 + decode_compile)]  # noqa: E731
                 decode_s = timed(lambda: decode_fn(out["x0"]), steps, dev, warmup=warm) if decode_fn else 0.0
             mem = peak_gib(dev)
-            rows.append(dict(shape=shape, impl=impl, video=video, nfe=nfe[impl], denoise_s=_sig(denoise_s),
-                             decode_s=_sig(decode_s), total_s=_sig(denoise_s + decode_s),
-                             s_per_nfe=_sig(denoise_s / nfe[impl]), peak_GiB=mem and round(mem, 1)))
+            rows.append(
+                dict(
+                    shape=shape,
+                    impl=impl,
+                    video=video,
+                    nfe=nfe[impl],
+                    denoise_s=_sig(denoise_s),
+                    decode_s=_sig(decode_s),
+                    total_s=_sig(denoise_s + decode_s),
+                    s_per_nfe=_sig(denoise_s / nfe[impl]),
+                    peak_GiB=mem and round(mem, 1),
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
     print(format_table(rows))
     return rows
@@ -131,15 +172,22 @@ def bench_generation(preset: str = "2b", shapes: str = "480p_93f", steps: int = 
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table plus, per shape, the student's speed-up (teacher time / student time)."""
-    lines = ["| shape | impl | video | NFE | denoise s | decode s | total s | s/NFE | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['shape']} | {r['impl']} | {r['video']} | {r['nfe']} | {r['denoise_s']} | {r['decode_s']} "
-              f"| {r['total_s']} | {r['s_per_nfe']} | {r['peak_GiB']} |" for r in rows]
+    lines = [
+        "| shape | impl | video | NFE | denoise s | decode s | total s | s/NFE | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['shape']} | {r['impl']} | {r['video']} | {r['nfe']} | {r['denoise_s']} | {r['decode_s']} "
+        f"| {r['total_s']} | {r['s_per_nfe']} | {r['peak_GiB']} |"
+        for r in rows
+    ]
     lines.append("")
     by = {(r["shape"], r["impl"]): r for r in rows}
     for shape in dict.fromkeys(r["shape"] for r in rows):
         t, s = by[shape, "teacher"], by[shape, "student"]
         ratio = lambda k: t[k] / s[k] if s[k] > 0 else math.inf
-        lines.append(f"{shape}: speed-up student vs teacher: denoise {ratio('denoise_s'):.2f}x, "
-                     f"end to end {ratio('total_s'):.2f}x")
+        lines.append(
+            f"{shape}: speed-up student vs teacher: denoise {ratio('denoise_s'):.2f}x, "
+            f"end to end {ratio('total_s'):.2f}x"
+        )
     return "\n".join(lines)

@@ -58,10 +58,16 @@ class _Control(ControlTraining):
 
 def control_stage(preset: str, device: torch.device, checkpointing: str, compile: bool, mesh, param_dtype: str):
     """ControlTraining as the 2b edge control recipe sets it up (tokenizer and text precomputed)."""
-    stage = _Control(net=NetSpec(preset=preset, overrides={"text_proj_in": None}), modality="edge",
-                     tokenizer=TokenizerSpec(kind="none"), text=TextSpec(encoder="none", dropout=0.0),
-                     time=TimeSpec(shift=5.0), max_cond_frames=2, optim=OptimSpec(lr=1e-4, warmup_steps=1),
-                     sharding=ShardingConfig(param_dtype=param_dtype, checkpointing=checkpointing, compile=compile))
+    stage = _Control(
+        net=NetSpec(preset=preset, overrides={"text_proj_in": None}),
+        modality="edge",
+        tokenizer=TokenizerSpec(kind="none"),
+        text=TextSpec(encoder="none", dropout=0.0),
+        time=TimeSpec(shift=5.0),
+        max_cond_frames=2,
+        optim=OptimSpec(lr=1e-4, warmup_steps=1),
+        sharding=ShardingConfig(param_dtype=param_dtype, checkpointing=checkpointing, compile=compile),
+    )
     stage.bench_device = device
     stage._device_mesh = mesh
     stage.configure_model()
@@ -72,8 +78,13 @@ def control_stage(preset: str, device: torch.device, checkpointing: str, compile
 def batch(cfg, grid, device, seed: int) -> dict:
     """One sample's precomputed latents, control latents and text embeddings (float32, as loaded)."""
     x = make_inputs(cfg, grid, device, torch.float32, seed)
-    return {"latent": x["x"], "control_latent": x["ctrl"], "text_emb": x["text"], "fps": torch.tensor([16.0]),
-            "text_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.bool, device=device)}
+    return {
+        "latent": x["x"],
+        "control_latent": x["ctrl"],
+        "text_emb": x["text"],
+        "fps": torch.tensor([16.0]),
+        "text_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.bool, device=device),
+    }
 
 
 def control_step(stage, opt, b: dict) -> None:
@@ -105,13 +116,25 @@ def solo_mesh(device_type: str):
     from torch.distributed.device_mesh import DeviceMesh
 
     group = dist.new_group([0])
-    return DeviceMesh.from_group(group, device_type, mesh_dim_names=("data_parallel",)) if dist.get_rank() == 0 else None
+    return (
+        DeviceMesh.from_group(group, device_type, mesh_dim_names=("data_parallel",)) if dist.get_rank() == 0 else None
+    )
 
 
-def bench_scale(preset: str = "2b", shapes: str = "720p_93f", dmd2_shapes: str = "480p_93f", steps: int = 1,
-                device: str = "cuda", dtype: str = "bfloat16", checkpointing: str = "attention",
-                dmd2_checkpointing: str = "full", compile: bool = False, parts: str = ",".join(PARTS),
-                context_parallel: int = 2, profile: str | None = None) -> list[dict]:
+def bench_scale(
+    preset: str = "2b",
+    shapes: str = "720p_93f",
+    dmd2_shapes: str = "480p_93f",
+    steps: int = 1,
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    checkpointing: str = "attention",
+    dmd2_checkpointing: str = "full",
+    compile: bool = False,
+    parts: str = ",".join(PARTS),
+    context_parallel: int = 2,
+    profile: str | None = None,
+) -> list[dict]:
     """Run under torchrun (every rank runs this); rank 0 prints JSON rows and the tables."""
     wanted = [p.strip() for p in parts.split(",") if p.strip()]
     if set(wanted) - set(PARTS):
@@ -125,17 +148,32 @@ def bench_scale(preset: str = "2b", shapes: str = "720p_93f", dmd2_shapes: str =
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     rank, world = dist.get_rank(), dist.get_world_size()
     if world < 2 or world % context_parallel:
-        raise ValueError(f"--mode scale needs torchrun with >= 2 processes and context_parallel dividing them "
-                         f"(world {world}, context_parallel {context_parallel})")
+        raise ValueError(
+            f"--mode scale needs torchrun with >= 2 processes and context_parallel dividing them "
+            f"(world {world}, context_parallel {context_parallel})"
+        )
     dev = torch.device(f"cuda:{torch.cuda.current_device()}") if cuda else torch.device("cpu")
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     cfg = net_preset(preset, text_proj_in=None)
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    say(json.dumps(dict(command="vidistill " + " ".join(sys.argv[1:]), mode="scale", world=world,
-                        context_parallel=context_parallel, torch=torch.__version__, python=platform.python_version(),
-                        device=torch.cuda.get_device_name(dev) if cuda else "cpu",
-                        nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None, preset=preset,
-                        checkpointing=checkpointing, dmd2_checkpointing=dmd2_checkpointing, compile=compile)))
+    say(
+        json.dumps(
+            dict(
+                command="vidistill " + " ".join(sys.argv[1:]),
+                mode="scale",
+                world=world,
+                context_parallel=context_parallel,
+                torch=torch.__version__,
+                python=platform.python_version(),
+                device=torch.cuda.get_device_name(dev) if cuda else "cpu",
+                nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+                preset=preset,
+                checkpointing=checkpointing,
+                dmd2_checkpointing=dmd2_checkpointing,
+                compile=compile,
+            )
+        )
+    )
     solo = solo_mesh(dev.type)
     pair = context_mesh(dev.type, world, 1)  # every rank its own sample: (data world, context 1)
     cp_mesh = context_mesh(dev.type, world // context_parallel, context_parallel)
@@ -159,8 +197,16 @@ def bench_scale(preset: str = "2b", shapes: str = "720p_93f", dmd2_shapes: str =
                 b = batch(cfg, grid, dev, seed=0)
                 t, mem = measure(lambda: control_step(stage, opt, b), steps)
                 one[shape] = t
-                add(part="control", shape=shape, gpus=1, layout="1 GPU", seconds=round(t, 3), peak_GiB=mem and round(mem, 1),
-                    samples_per_s=round(1 / t, 4), ratio=1.0)
+                add(
+                    part="control",
+                    shape=shape,
+                    gpus=1,
+                    layout="1 GPU",
+                    seconds=round(t, 3),
+                    peak_GiB=mem and round(mem, 1),
+                    samples_per_s=round(1 / t, 4),
+                    ratio=1.0,
+                )
             del stage, opt
             free(dev)
         one = from_rank0(one)
@@ -171,19 +217,32 @@ def bench_scale(preset: str = "2b", shapes: str = "720p_93f", dmd2_shapes: str =
                 b = batch(cfg, grid, dev, seed=rank)
                 t, mem = measure(lambda: control_step(stage, opt, b), steps)
                 t = slowest(t, dev)
-                add(part="control", shape=shape, gpus=world, layout=f"FSDP2 data x{world}", seconds=round(t, 3),
-                    peak_GiB=mem and round(mem, 1), samples_per_s=round(world / t, 4),
-                    ratio=round(one[shape] / t, 3))  # efficiency: throughput per GPU against one GPU
+                add(
+                    part="control",
+                    shape=shape,
+                    gpus=world,
+                    layout=f"FSDP2 data x{world}",
+                    seconds=round(t, 3),
+                    peak_GiB=mem and round(mem, 1),
+                    samples_per_s=round(world / t, 4),
+                    ratio=round(one[shape] / t, 3),
+                )  # efficiency: throughput per GPU against one GPU
             if "cp_train" in wanted:
                 stage._device_mesh = cp_mesh  # one context group shares its sample and draws
                 stage.model.set_context_parallel(context_group(cp_mesh))
                 b = batch(cfg, grid, dev, seed=0)
                 t, mem = measure(lambda: control_step(stage, opt, b), steps)
                 t = slowest(t, dev)
-                add(part="cp_train", shape=shape, gpus=world,
-                    layout=f"FSDP2 data x{world // context_parallel} x context {context_parallel}", seconds=round(t, 3),
-                    peak_GiB=mem and round(mem, 1), samples_per_s=round(world // context_parallel / t, 4),
-                    ratio=round(t / one[shape], 3))  # step time against one GPU
+                add(
+                    part="cp_train",
+                    shape=shape,
+                    gpus=world,
+                    layout=f"FSDP2 data x{world // context_parallel} x context {context_parallel}",
+                    seconds=round(t, 3),
+                    peak_GiB=mem and round(mem, 1),
+                    samples_per_s=round(world // context_parallel / t, 4),
+                    ratio=round(t / one[shape], 3),
+                )  # step time against one GPU
                 if profile:
                     write_profile(lambda: control_step(stage, opt, b), dev, profile, f"cp_train_{shape}", rank)
                 stage.model.set_context_parallel(None)
@@ -208,16 +267,31 @@ def bench_scale(preset: str = "2b", shapes: str = "720p_93f", dmd2_shapes: str =
             t1 = None
             if rank == 0:
                 t1, mem = measure(sample, steps)
-                add(part="cp_infer", shape=shape, gpus=1, layout="1 GPU", seconds=round(t1 / steps_per, 3),
-                    peak_GiB=mem and round(mem, 1), samples_per_s=None, ratio=1.0)
+                add(
+                    part="cp_infer",
+                    shape=shape,
+                    gpus=1,
+                    layout="1 GPU",
+                    seconds=round(t1 / steps_per, 3),
+                    peak_GiB=mem and round(mem, 1),
+                    samples_per_s=None,
+                    ratio=1.0,
+                )
             t1 = from_rank0(t1)
             model.set_context_parallel(context_group(cp_mesh))
             t, mem = measure(sample, steps)
             t = slowest(t, dev)
             model.set_context_parallel(None)
-            add(part="cp_infer", shape=shape, gpus=world, layout=f"context {context_parallel}",
-                seconds=round(t / steps_per, 3), peak_GiB=mem and round(mem, 1), samples_per_s=None,
-                ratio=round(t / t1, 3))
+            add(
+                part="cp_infer",
+                shape=shape,
+                gpus=world,
+                layout=f"context {context_parallel}",
+                seconds=round(t / steps_per, 3),
+                peak_GiB=mem and round(mem, 1),
+                samples_per_s=None,
+                ratio=round(t / t1, 3),
+            )
         del model, gen
         free(dev)
 
@@ -261,13 +335,31 @@ def bench_dmd2_scale(preset, shapes, steps, dev, dt, checkpointing, compile, sol
 
     one = from_rank0(run(solo, 0) if rank == 0 else None)
     for (shape, entry), (t, mem) in one.items():
-        add(part="dmd2", entry=entry, shape=shape, gpus=1, layout="1 GPU", seconds=round(t, 3),
-            peak_GiB=mem and round(mem, 1), samples_per_s=round(1 / t, 4), ratio=1.0)
+        add(
+            part="dmd2",
+            entry=entry,
+            shape=shape,
+            gpus=1,
+            layout="1 GPU",
+            seconds=round(t, 3),
+            peak_GiB=mem and round(mem, 1),
+            samples_per_s=round(1 / t, 4),
+            ratio=1.0,
+        )
     many = run(pair, rank)
     for (shape, entry), (t, mem) in many.items():
         t = slowest(t, dev)
-        add(part="dmd2", entry=entry, shape=shape, gpus=world, layout=f"FSDP2 data x{world}", seconds=round(t, 3),
-            peak_GiB=mem and round(mem, 1), samples_per_s=round(world / t, 4), ratio=round(one[shape, entry][0] / t, 3))
+        add(
+            part="dmd2",
+            entry=entry,
+            shape=shape,
+            gpus=world,
+            layout=f"FSDP2 data x{world}",
+            seconds=round(t, 3),
+            peak_GiB=mem and round(mem, 1),
+            samples_per_s=round(world / t, 4),
+            ratio=round(one[shape, entry][0] / t, 3),
+        )
 
 
 def write_profile(step, dev: torch.device, folder: str, name: str, rank: int, top: int = 25) -> None:
@@ -292,20 +384,29 @@ def write_profile(step, dev: torch.device, folder: str, name: str, rank: int, to
 def format_tables(rows: list[dict]) -> str:
     """Markdown: per part, one-GPU and all-rank rows with ratio (control, dmd2: efficiency =
     per-GPU throughput against one GPU; cp_train, cp_infer: time against one GPU)."""
-    lines = ["| part | entry | shape | GPUs | layout | s (per step) | peak GiB | samples/s | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| part | entry | shape | GPUs | layout | s (per step) | peak GiB | samples/s | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['part']} | {r.get('entry', 'step')} | {r['shape']} | {r['gpus']} | {r['layout']} | "
-                     f"{r['seconds']} | {r['peak_GiB']} | {r['samples_per_s']} | {r['ratio']} |")
+        lines.append(
+            f"| {r['part']} | {r.get('entry', 'step')} | {r['shape']} | {r['gpus']} | {r['layout']} | "
+            f"{r['seconds']} | {r['peak_GiB']} | {r['samples_per_s']} | {r['ratio']} |"
+        )
     lines.append("")
-    goals = {"control": ("efficiency", ">=", 0.92), "dmd2": ("efficiency", ">=", 0.92),
-             "cp_train": ("time ratio", "<=", 0.55), "cp_infer": ("time ratio", "<=", 0.55)}
+    goals = {
+        "control": ("efficiency", ">=", 0.92),
+        "dmd2": ("efficiency", ">=", 0.92),
+        "cp_train": ("time ratio", "<=", 0.55),
+        "cp_infer": ("time ratio", "<=", 0.55),
+    }
     for r in rows:
         if r["gpus"] == 1:
             continue
         what, op, goal = goals[r["part"]]
         met = r["ratio"] >= goal if op == ">=" else r["ratio"] <= goal
-        lines.append(f"{r['part']} {r.get('entry', 'step')} {r['shape']}: {what} {r['ratio']} "
-                     f"(target {op} {goal}: {'met' if met else 'missed'})")
+        lines.append(
+            f"{r['part']} {r.get('entry', 'step')} {r['shape']}: {what} {r['ratio']} "
+            f"(target {op} {goal}: {'met' if met else 'missed'})"
+        )
     return "\n".join(lines)
-

@@ -74,8 +74,11 @@ def _cosmos_flags(argv: list[str]) -> list[str]:
             flag = "--" + flag[2:].replace("-", "_")
         out.append(flag + eq + value)
         following = argv[i + 1] if i + 1 < len(argv) else None
-        if flag in switches and not eq and (following is None or following.startswith("-")
-                                            or following.lower() not in ("true", "false")):
+        if (
+            flag in switches
+            and not eq
+            and (following is None or following.startswith("-") or following.lower() not in ("true", "false"))
+        ):
             out.append("true")
     return out
 

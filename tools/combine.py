@@ -27,30 +27,49 @@ from modules.nets import NetConfig
 from .consolidate import DTYPES
 
 # DiT fields that change tensor shapes: a branch built for other values cannot run on the base
-SHAPE_FIELDS = ("latent_channels", "dim", "depth", "heads", "mlp_ratio", "text_dim", "text_proj_in",
-                "adaln_lora_dim", "patch")
+SHAPE_FIELDS = (
+    "latent_channels",
+    "dim",
+    "depth",
+    "heads",
+    "mlp_ratio",
+    "text_dim",
+    "text_proj_in",
+    "adaln_lora_dim",
+    "patch",
+)
 
 
 def weights_file(path: str | Path) -> Path:
     file = Path(path) / "model.safetensors"
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found (expected a directory written by export, consolidate, "
-                                "import-weights or combine)")
+        raise FileNotFoundError(
+            f"{file} not found (expected a directory written by export, consolidate, import-weights or combine)"
+        )
     return file
 
 
 def check_base(base: NetConfig, branch: NetConfig, source: str) -> None:
     """Error where the branch's base has other shapes; warn where it ran with other settings."""
-    shape = [f"{f} {getattr(branch.dit, f)} vs {getattr(base.dit, f)}" for f in SHAPE_FIELDS
-             if getattr(branch.dit, f) != getattr(base.dit, f)]
+    shape = [
+        f"{f} {getattr(branch.dit, f)} vs {getattr(base.dit, f)}"
+        for f in SHAPE_FIELDS
+        if getattr(branch.dit, f) != getattr(base.dit, f)
+    ]
     if shape:
         raise ValueError(f"{source} was trained on another base (its base vs this one: {', '.join(shape)})")
-    other = [f"dit.{f.name}" for f in dataclasses.fields(base.dit)
-             if f.name not in SHAPE_FIELDS and getattr(branch.dit, f.name) != getattr(base.dit, f.name)]
+    other = [
+        f"dit.{f.name}"
+        for f in dataclasses.fields(base.dit)
+        if f.name not in SHAPE_FIELDS and getattr(branch.dit, f.name) != getattr(base.dit, f.name)
+    ]
     other += [f for f in ("cond_frame_t", "use_text_mask", "prediction") if getattr(branch, f) != getattr(base, f)]
     if other:
-        warnings.warn(f"{source} was trained with other {', '.join(other)} than the base has; "
-                      "the combined network keeps the base's", stacklevel=3)
+        warnings.warn(
+            f"{source} was trained with other {', '.join(other)} than the base has; "
+            "the combined network keeps the base's",
+            stacklevel=3,
+        )
 
 
 def compare_base(state: dict[str, torch.Tensor], handle, source: str) -> None:
@@ -59,8 +78,11 @@ def compare_base(state: dict[str, torch.Tensor], handle, source: str) -> None:
     keys = [k for k in handle.keys() if k.startswith("net.")]
     differ = [k for k in keys if k not in state or not torch.equal(handle.get_tensor(k).to(state[k].dtype), state[k])]
     if differ:
-        warnings.warn(f"{source} carries a different base ({len(differ)} of {len(keys)} base tensors differ, "
-                      f"e.g. {differ[0]}): its control branch was trained on another base", stacklevel=3)
+        warnings.warn(
+            f"{source} carries a different base ({len(differ)} of {len(keys)} base tensors differ, "
+            f"e.g. {differ[0]}): its control branch was trained on another base",
+            stacklevel=3,
+        )
 
 
 def join(base: str, controls: list[str], out: str, dtype: torch.dtype | None) -> None:
@@ -73,8 +95,10 @@ def join(base: str, controls: list[str], out: str, dtype: torch.dtype | None) ->
         branch_cfg = Denoiser.config_from(source)
         check_base(cfg, branch_cfg, source)
         if cfg.modalities and branch_cfg.control != cfg.control:
-            raise ValueError(f"{source}'s control branch is shaped {branch_cfg.control}, the branches already "
-                             f"in the network {cfg.control} (one ControlConfig for all)")
+            raise ValueError(
+                f"{source}'s control branch is shaped {branch_cfg.control}, the branches already "
+                f"in the network {cfg.control} (one ControlConfig for all)"
+            )
         with safe_open(weights_file(source), "pt") as handle:
             present = {k.split(".")[1] for k in handle.keys() if k.startswith("controls.")}
             modalities = [m for m in branch_cfg.modalities if m in present]
@@ -146,8 +170,9 @@ def write(cfg: NetConfig, state: dict[str, torch.Tensor], out: Path) -> None:
     shell.save_pretrained(out, state)
 
 
-def combine(base: str, *, out: str, control: list[str] | str | None = None, split: bool = False,
-            dtype: str | None = None) -> None:
+def combine(
+    base: str, *, out: str, control: list[str] | str | None = None, split: bool = False, dtype: str | None = None
+) -> None:
     """Put a teacher together from a base and control branches, or split a teacher into them.
 
     Args:

@@ -32,8 +32,14 @@ from modules.nets import NetConfig, preset
 
 PREFIX = "state_dict."
 EMA = "ema"
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 class Saved:
@@ -78,23 +84,28 @@ class Checkpoint:
                 what = "a file" if self.path.is_file() else "not a sharded checkpoint (no .metadata)"
             else:
                 what = "not found"
-            raise FileNotFoundError(f"{self.path} is {what}; consolidate reads the checkpoint directories of "
-                                    "sharded (FSDP2/DCP) runs, holding .metadata and __<rank>_0.distcp files")
+            raise FileNotFoundError(
+                f"{self.path} is {what}; consolidate reads the checkpoint directories of "
+                "sharded (FSDP2/DCP) runs, holding .metadata and __<rank>_0.distcp files"
+            )
         self.metadata = FileSystemReader(str(self.path)).read_metadata()
-        self.tensors = {k[len(PREFIX):]: md for k, md in self.metadata.state_dict_metadata.items()
-                        if k.startswith(PREFIX) and isinstance(md, TensorStorageMetadata)}
+        self.tensors = {
+            k[len(PREFIX) :]: md
+            for k, md in self.metadata.state_dict_metadata.items()
+            if k.startswith(PREFIX) and isinstance(md, TensorStorageMetadata)
+        }
         self.meta = read_meta(self.path / "meta.pt")
         self.hparams = self.meta.get("hyper_parameters") or {}
         # whatever a stage calls its networks, a Denoiser shows by its DiT's input embedding
         self.networks = [k.split(".")[0] for k in self.tensors if k.split(".", 1)[1:] == ["net.x_embed.weight"]]
-        self.ema = {k[len(EMA) + 1:].replace("__", "."): k for k in self.tensors if k.startswith(EMA + ".")}
+        self.ema = {k[len(EMA) + 1 :].replace("__", "."): k for k in self.tensors if k.startswith(EMA + ".")}
         # DMD2's discriminator head (modules/nets/gan.py), recognised by its first tap
         self.heads = [k.split(".")[0] for k in self.tensors if k.split(".", 1)[1:] == ["taps.0.fc1.weight"]]
 
     def keys(self, network: str) -> list[str]:
         """A network's parameter names (without the attribute prefix), in state-dict order."""
         head = network + "."
-        return [k[len(head):] for k in self.tensors if k.startswith(head)]
+        return [k[len(head) :] for k in self.tensors if k.startswith(head)]
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         md = self.tensors.get(key)
@@ -107,8 +118,9 @@ class Checkpoint:
             return None
         if self.meta.get("ema_of"):
             return self.meta["ema_of"]
-        fits = [n for n in self.networks
-                if all(self.shape(f"{n}.{k}") == self.shape(key) for k, key in self.ema.items())]
+        fits = [
+            n for n in self.networks if all(self.shape(f"{n}.{k}") == self.shape(key) for k, key in self.ema.items())
+        ]
         for name in ("student", "model"):
             if name in fits:
                 return name
@@ -128,8 +140,10 @@ class Checkpoint:
         fqns = [PREFIX + key for key in sources.values()]
         missing = sorted(f for f in self.files(fqns) if not (self.path / f).is_file())
         if missing:
-            raise FileNotFoundError(f"{self.path}: shard file(s) {', '.join(missing)} missing (the checkpoint "
-                                    "was copied or written incompletely)")
+            raise FileNotFoundError(
+                f"{self.path}: shard file(s) {', '.join(missing)} missing (the checkpoint "
+                "was copied or written incompletely)"
+            )
         state = {}
         for fqn in fqns:
             md = self.metadata.state_dict_metadata[fqn]
@@ -143,6 +157,7 @@ class Checkpoint:
 
 def spec_candidates(hparams: dict, network: str) -> list:
     """NetSpec-like hyperparameters (preset / init_from / overrides), the likeliest for `network` first."""
+
     def is_spec(v):
         return all(hasattr(v, a) for a in ("preset", "init_from", "overrides"))
 
@@ -180,8 +195,11 @@ def shape_errors(cfg: NetConfig, ckpt: Checkpoint, network: str) -> list[str]:
     found = {k: ckpt.shape(f"{network}.{k}") for k in ckpt.keys(network)}
     errors = [f"missing {k}" for k in expected if k not in found]
     errors += [f"unexpected {k}" for k in found if k not in expected]
-    errors += [f"{k}: config {expected[k]} vs checkpoint {found[k]}" for k in expected
-               if k in found and expected[k] != found[k]]
+    errors += [
+        f"{k}: config {expected[k]} vs checkpoint {found[k]}"
+        for k in expected
+        if k in found and expected[k] != found[k]
+    ]
     return errors
 
 
@@ -203,8 +221,10 @@ def network_config(ckpt: Checkpoint, network: str) -> NetConfig:
         if not errors:
             return cfg
         tried.append(f"{source} does not fit: " + "; ".join(errors[:5]) + (" ..." if len(errors) > 5 else ""))
-    raise ValueError(f"{ckpt.path}: no network config for {network!r} fits its tensors"
-                     + (": " + " | ".join(tried) if tried else " (meta.pt holds neither net_configs nor a NetSpec)"))
+    raise ValueError(
+        f"{ckpt.path}: no network config for {network!r} fits its tensors"
+        + (": " + " | ".join(tried) if tried else " (meta.pt holds neither net_configs nor a NetSpec)")
+    )
 
 
 def consolidate(ckpt: str, *, out: str, networks: list[str] | None = None, dtype: str | None = None) -> None:
@@ -229,14 +249,18 @@ def consolidate(ckpt: str, *, out: str, networks: list[str] | None = None, dtype
     source = Checkpoint(ckpt)
     available = source.networks + source.heads + ([EMA] if source.ema else [])
     if not source.networks:
-        raise ValueError(f"{ckpt} holds no Denoiser network (top-level attributes: "
-                         f"{sorted({k.split('.')[0] for k in source.tensors})})")
+        raise ValueError(
+            f"{ckpt} holds no Denoiser network (top-level attributes: "
+            f"{sorted({k.split('.')[0] for k in source.tensors})})"
+        )
     chosen = available if not networks else list(networks)
     unknown = [n for n in chosen if n not in available]
     if unknown:
         others = sorted({k.split(".")[0] for k in source.tensors} - set(available) - {EMA})
-        raise ValueError(f"unknown network(s) {unknown}; this checkpoint has {available}"
-                         + (f" (other modules, not Denoisers: {others})" if others else ""))
+        raise ValueError(
+            f"unknown network(s) {unknown}; this checkpoint has {available}"
+            + (f" (other modules, not Denoisers: {others})" if others else "")
+        )
     step = source.meta.get("global_step")
     bar = tqdm(chosen, desc="consolidate", unit="network", disable=len(chosen) < 2 or None)
     for name in bar:
@@ -248,7 +272,9 @@ def consolidate(ckpt: str, *, out: str, networks: list[str] | None = None, dtype
         cfg = network_config(source, net)
         keys = source.keys(net)
         if name == EMA and set(source.ema) - set(keys):
-            raise ValueError(f"{ckpt}: EMA entries {sorted(set(source.ema) - set(keys))[:5]} are not parameters of {net}")
+            raise ValueError(
+                f"{ckpt}: EMA entries {sorted(set(source.ema) - set(keys))[:5]} are not parameters of {net}"
+            )
         sources = {k: (source.ema[k] if name == EMA and k in source.ema else f"{net}.{k}") for k in keys}
         state = source.load(sources, cast)
         with torch.device("meta"):
@@ -256,8 +282,11 @@ def consolidate(ckpt: str, *, out: str, networks: list[str] | None = None, dtype
         shell.save_pretrained(Path(out) / name, state)
         write_settings(source.meta, net, Path(out) / name)
         size = sum(t.numel() * t.element_size() for t in state.values())
-        tqdm.write(f"{Path(out) / name}: {len(state)} tensors, {size / 2**20:.1f} MiB"
-                   + (f" (EMA of {net})" if name == EMA else "") + (f", step {step}" if step is not None else ""))
+        tqdm.write(
+            f"{Path(out) / name}: {len(state)} tensors, {size / 2**20:.1f} MiB"
+            + (f" (EMA of {net})" if name == EMA else "")
+            + (f", step {step}" if step is not None else "")
+        )
         # one network in memory at a time
         del state, shell
         gc.collect()

@@ -75,8 +75,9 @@ def _caption(ext: dict[str, bytes]) -> str | None:
     return None
 
 
-def video_latents(ext: dict[str, bytes], tokenizer, num_frames=None, height=None, width=None, stride=1,
-                  target_fps=None, device="cpu") -> dict:  # fmt: skip
+def video_latents(
+    ext: dict[str, bytes], tokenizer, num_frames=None, height=None, width=None, stride=1, target_fps=None, device="cpu"
+) -> dict:
     """Latents of a sample's first clip: ``{"latent": (C, T', H', W'), "control.<m>": ...}``.
 
     The clip is the one the datamodule reads with latents: frames ``clip_indices(total,
@@ -162,8 +163,8 @@ def encode_text(
 
     from datamodules.codec import VideoDecodeError
     from datamodules.shards import expand_shards
-    from modules.text import TextEncoder
     from datamodules.writer import TarOut, config_digest, read_index, write_index
+    from modules.text import TextEncoder
 
     if (video_height is None) != (video_width is None):
         raise ValueError("give both video_height and video_width, or neither")
@@ -193,21 +194,36 @@ def encode_text(
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    options = {"text_encoder": text_encoder, "max_length": encoder.max_length, "dtype": dtype, "tokenizer": tokenizer,
-               "tokenizer_path": tokenizer_path, "size": [video_height, video_width], "num_frames": num_frames,
-               "stride": stride, "target_fps": target_fps}  # fmt: skip
+    options = {
+        "text_encoder": text_encoder,
+        "max_length": encoder.max_length,
+        "dtype": dtype,
+        "tokenizer": tokenizer,
+        "tokenizer_path": tokenizer_path,
+        "size": [video_height, video_width],
+        "num_frames": num_frames,
+        "stride": stride,
+        "target_fps": target_fps,
+    }
     fingerprint = config_digest(options)
     old = read_index(out_dir) or {}
     # an input folder's own index.json (make-shards) carries over what it knew
     src_dirs = {os.path.dirname(os.path.abspath(u)) for u in urls}
     src_index = read_index(next(iter(src_dirs))) if len(src_dirs) == 1 else None
-    fields = {k: v for k, v in (src_index or old).items() if k not in ("shards", "total", "complete", "encoded", "skipped")}
+    fields = {
+        k: v for k, v in (src_index or old).items() if k not in ("shards", "total", "complete", "encoded", "skipped")
+    }
     fields.update(created_by="vidistill encode-text", encoded=options)
     entries = {}
     if resume:
         for e in old.get("shards", []):
             path = out_dir / e["name"]
-            if e.get("encoded") == fingerprint and e["name"] in names and path.is_file() and path.stat().st_size == e.get("bytes"):
+            if (
+                e.get("encoded") == fingerprint
+                and e["name"] in names
+                and path.is_file()
+                and path.stat().st_size == e.get("bytes")
+            ):
                 entries[e["name"]] = e
     counts = {"no caption": 0, "no latents": 0}
     todo = [(u, n) for u, n in zip(urls, names) if n not in entries]
@@ -223,7 +239,7 @@ def encode_text(
             for j, i in enumerate(captioned):
                 e = emb[j].cpu()
                 embs[i] = {"emb": (e.to(store) if store else e).contiguous(), "mask": mask[j].cpu().to(torch.uint8)}
-        for i, (key, members, cap) in enumerate(batch):
+        for i, (key, members, _) in enumerate(batch):
             if key is None:  # members webdataset skips (e.g. __meta__ files): copied as they are
                 for name, data in members:
                     writer.add_member(name, data)

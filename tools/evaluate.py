@@ -12,7 +12,6 @@ package needed) and prints the markdown table.
 from __future__ import annotations
 
 import html
-
 import json
 from pathlib import Path
 from statistics import mean
@@ -47,11 +46,17 @@ def score(run: Path, info: dict, tolerance: int) -> dict:
     inputs = load_inputs(spec, info.get("mode", "transfer"))
     video = load_generated(run, info)
     n = min(len(video), inputs.frames)
-    row = {"name": spec.name, "nfe": info["nfe"], "seconds": info["seconds"]["generate"],
-           "denoise_s": info["seconds"].get("denoise"), "frames": len(video)}
+    row = {
+        "name": spec.name,
+        "nfe": info["nfe"],
+        "seconds": info["seconds"]["generate"],
+        "denoise_s": info["seconds"].get("denoise"),
+        "frames": len(video),
+    }
     if "edge" in inputs.controls:
-        row["edge_f1"] = edge_f1(video[:n], inputs.controls["edge"][:n], tolerance,
-                                 spec.controls["edge"].preset_edge_threshold)
+        row["edge_f1"] = edge_f1(
+            video[:n], inputs.controls["edge"][:n], tolerance, spec.controls["edge"].preset_edge_threshold
+        )
     if "blur" in inputs.controls and inputs.video is not None:
         row["blur_ssim"] = blur_ssim(video[:n], inputs.video[:n], spec.controls["vis"].preset_blur_strength)
     return row
@@ -108,11 +113,15 @@ def _fmt(v, digits: int = 3) -> str:
 
 def markdown(results: dict) -> str:
     ref = results["runs"][0]["label"]
-    lines = [f"| model | videos | Edge F1 (tol {results['tolerance']} px) | Blur SSIM | NFE | seconds | "
-             f"speed-up vs {ref} |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| model | videos | Edge F1 (tol {results['tolerance']} px) | Blur SSIM | NFE | seconds | speed-up vs {ref} |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results["runs"]:
-        lines.append(f"| {r['label']} | {r['videos']} | {_fmt(r.get('edge_f1'))} | {_fmt(r.get('blur_ssim'))} | "
-                     f"{_fmt(r.get('nfe'), 1)} | {_fmt(r.get('seconds'), 2)} | {r['speedup']:.2f}x |")
+        lines.append(
+            f"| {r['label']} | {r['videos']} | {_fmt(r.get('edge_f1'))} | {_fmt(r.get('blur_ssim'))} | "
+            f"{_fmt(r.get('nfe'), 1)} | {_fmt(r.get('seconds'), 2)} | {r['speedup']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -124,12 +133,16 @@ def svg_chart(results: dict) -> str:
     bar, gap, top, plot_h = 28, 44, 30, 180
     group = bar * max(len(metrics), 1) + gap
     width = 60 + group * len(runs) + 20
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + plot_h + 85}" '
-             'font-family="sans-serif" font-size="11">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + plot_h + 85}" '
+        'font-family="sans-serif" font-size="11">'
+    ]
     for v in (0.0, 0.5, 1.0):
         y = top + plot_h * (1 - v)
-        parts.append(f'<line x1="50" x2="{width - 10}" y1="{y}" y2="{y}" stroke="#ddd"/>'
-                     f'<text x="45" y="{y + 4}" text-anchor="end">{v:.1f}</text>')
+        parts.append(
+            f'<line x1="50" x2="{width - 10}" y1="{y}" y2="{y}" stroke="#ddd"/>'
+            f'<text x="45" y="{y + 4}" text-anchor="end">{v:.1f}</text>'
+        )
     for i, r in enumerate(runs):
         x0 = 60 + i * group
         for j, (key, _, color) in enumerate(metrics):
@@ -137,19 +150,30 @@ def svg_chart(results: dict) -> str:
             if v is None:
                 continue
             h = plot_h * max(0.0, min(1.0, v))
-            parts.append(f'<rect x="{x0 + j * bar}" y="{top + plot_h - h}" width="{bar - 4}" height="{h}" fill="{color}">'
-                         f'<title>{key} {v:.3f}</title></rect>'
-                         f'<text x="{x0 + j * bar + bar / 2 - 2}" y="{top + plot_h - h - 3}" text-anchor="middle">{v:.2f}</text>')
+            parts.append(
+                f'<rect x="{x0 + j * bar}" y="{top + plot_h - h}" width="{bar - 4}" height="{h}" fill="{color}">'
+                f"<title>{key} {v:.3f}</title></rect>"
+                f'<text x="{x0 + j * bar + bar / 2 - 2}" y="{top + plot_h - h - 3}" text-anchor="middle">{v:.2f}</text>'
+            )
         cx = x0 + (group - gap) / 2
         # labels such as "DMD2 student (4 steps)" are wider than a bar group: the part in
         # parentheses goes on a second line
         name, _, detail = html.escape(r["label"]).partition(" (")
-        lines = [(name, ' font-weight="bold"'), (f"({detail}" if detail else "", ""),
-                 (f'NFE {r.get("nfe", 0):.0f}', ""), (f'{r["speedup"]:.1f}x faster', "")]
-        parts += [f'<text x="{cx}" y="{top + plot_h + 16 + 14 * k}" text-anchor="middle"{style}>{text}</text>'
-                  for k, (text, style) in enumerate(lines) if text]
+        lines = [
+            (name, ' font-weight="bold"'),
+            (f"({detail}" if detail else "", ""),
+            (f"NFE {r.get('nfe', 0):.0f}", ""),
+            (f"{r['speedup']:.1f}x faster", ""),
+        ]
+        parts += [
+            f'<text x="{cx}" y="{top + plot_h + 16 + 14 * k}" text-anchor="middle"{style}>{text}</text>'
+            for k, (text, style) in enumerate(lines)
+            if text
+        ]
     for j, (_, name, color) in enumerate(metrics):
-        parts.append(f'<rect x="{60 + j * 90}" y="8" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{74 + j * 90}" y="17">{name}</text>')
+        parts.append(
+            f'<rect x="{60 + j * 90}" y="8" width="10" height="10" fill="{color}"/>'
+            f'<text x="{74 + j * 90}" y="17">{name}</text>'
+        )
     parts.append("</svg>")
     return "\n".join(parts)

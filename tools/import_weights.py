@@ -78,9 +78,14 @@ def net_config(transformer: dict, controlnet: dict | None, modalities: list[str]
     if not t.get("concat_padding_mask", True):
         unsupported.append("concat_padding_mask=False")
     if t["out_channels"] != t["in_channels"] - 1:
-        unsupported.append(f"in_channels={t['in_channels']} with out_channels={t['out_channels']} "
-                           "(expected latents + one condition-mask channel)")
-    if t.get("use_crossattn_projection") and t.get("encoder_hidden_states_channels", t["text_embed_dim"]) != t["text_embed_dim"]:
+        unsupported.append(
+            f"in_channels={t['in_channels']} with out_channels={t['out_channels']} "
+            "(expected latents + one condition-mask channel)"
+        )
+    if (
+        t.get("use_crossattn_projection")
+        and t.get("encoder_hidden_states_channels", t["text_embed_dim"]) != t["text_embed_dim"]
+    ):
         unsupported.append("encoder_hidden_states_channels != text_embed_dim")
     if unsupported:
         raise CheckpointMismatch("unsupported transformer config: " + "; ".join(unsupported))
@@ -103,11 +108,13 @@ def net_config(transformer: dict, controlnet: dict | None, modalities: list[str]
             raise CheckpointMismatch("controlnet width/heads differ from the transformer's")
         if not t.get("controlnet_block_every_n"):
             raise CheckpointMismatch("transformer config has no controlnet_block_every_n")
-        control = ControlConfig(blocks=c["n_controlnet_blocks"], every=t["controlnet_block_every_n"],
-                                channels=c["in_channels"] - 2)
+        control = ControlConfig(
+            blocks=c["n_controlnet_blocks"], every=t["controlnet_block_every_n"], channels=c["in_channels"] - 2
+        )
     # Cosmos attends to every (padded) text position
-    return NetConfig(dit=dit, control=control, modalities=modalities if controlnet is not None else [],
-                     use_text_mask=False)
+    return NetConfig(
+        dit=dit, control=control, modalities=modalities if controlnet is not None else [], use_text_mask=False
+    )
 
 
 def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -125,7 +132,9 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads((folder / "config.json").read_text()), state
 
 
-def convert(transformer: dict[str, torch.Tensor], controlnets: dict[str, dict[str, torch.Tensor]]) -> tuple[dict, list[str]]:
+def convert(
+    transformer: dict[str, torch.Tensor], controlnets: dict[str, dict[str, torch.Tensor]]
+) -> tuple[dict, list[str]]:
     """Map diffusers state dicts to ours; returns (state, unexpected keys)."""
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[int, torch.Tensor]] = {}
@@ -177,8 +186,12 @@ def convert(transformer: dict[str, torch.Tensor], controlnets: dict[str, dict[st
     return out, unexpected
 
 
-def load_diffusers(src: str | Path, modality: str = "edge", extra_controls: dict[str, str] | None = None,
-                   dtype: torch.dtype | None = None) -> Denoiser:
+def load_diffusers(
+    src: str | Path,
+    modality: str = "edge",
+    extra_controls: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Denoiser:
     """A Denoiser from a diffusers-layout directory (`transformer/`, optional `controlnet/`)."""
     src = Path(src)
     t_cfg, t_state = read_folder(src / "transformer")
@@ -201,8 +214,11 @@ def load_diffusers(src: str | Path, modality: str = "edge", extra_controls: dict
         model = Denoiser(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
-    wrong = [f"{k}: {tuple(v.shape)} vs expected {tuple(expected[k].shape)}"
-             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs expected {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if missing or unexpected or wrong:
         lines = []
         if missing:
@@ -218,8 +234,9 @@ def load_diffusers(src: str | Path, modality: str = "edge", extra_controls: dict
     return model
 
 
-def import_weights(src: str, out: str, modality: str = "edge", extra_controls: dict[str, str] | None = None,
-                   dtype: str = "keep") -> None:
+def import_weights(
+    src: str, out: str, modality: str = "edge", extra_controls: dict[str, str] | None = None, dtype: str = "keep"
+) -> None:
     """Convert a Cosmos-Transfer2.5 / Predict2.5 checkpoint in diffusers layout to vidistill's format.
 
     Args:

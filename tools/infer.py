@@ -107,7 +107,7 @@ def infer(
 
     Returns the number of failed specs (the exit code is non-zero when any failed).
     """
-    from modules.guardrails import Guardrails, PromptBlocklist, load_hook
+    from modules.guardrails import Guardrails, load_hook
     from modules.pipeline import GenerationSettings, Pipeline, build_generator, run_placed
     from modules.spec import SpecError, load_specs
 
@@ -118,29 +118,42 @@ def infer(
     # --- everything checked before any work -------------------------------------------------------
     settings = GenerationSettings.load(model) or GenerationSettings()
     if not (Path(model) / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model}: no config.json (expected a directory written by export, "
-                                "consolidate, combine or import-weights)")
+        raise FileNotFoundError(
+            f"--model {model}: no config.json (expected a directory written by export, "
+            "consolidate, combine or import-weights)"
+        )
     if GenerationSettings.load(model) is None and tokenizer is None:
         raise ValueError(f"{model} has no generation.json: pass --tokenizer and --text_encoder")
     if tokenizer:
         settings.tokenizer = {"kind": tokenizer, "path": tokenizer_path, "options": tokenizer_options or {}}
     elif tokenizer_options is not None or tokenizer_path is not None:
-        settings.tokenizer = dict(settings.tokenizer, **({"options": tokenizer_options} if tokenizer_options is not None else {}),
-                                  **({"path": tokenizer_path} if tokenizer_path is not None else {}))
+        settings.tokenizer = dict(
+            settings.tokenizer,
+            **({"options": tokenizer_options} if tokenizer_options is not None else {}),
+            **({"path": tokenizer_path} if tokenizer_path is not None else {}),
+        )
     if text_encoder:
         settings.text = dict(settings.text, encoder=text_encoder)
     if text_max_length:
         settings.text = dict(settings.text, max_length=text_max_length)
-    overrides = {k: v for k, v in dict(num_steps=num_steps, guidance=guidance, seed=seed, resolution=resolution).items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(num_steps=num_steps, guidance=guidance, seed=seed, resolution=resolution).items()
+        if v is not None
+    }
     from modules.spec import SPEC_MODALITIES
 
     wrong = sorted(set(annotator or {}) - set(SPEC_MODALITIES))
     if wrong:
         raise ValueError(f"--annotator: unknown control key(s) {wrong}; choose from {', '.join(SPEC_MODALITIES)}")
     annotators = {k: load_hook(v) for k, v in (annotator or {}).items()}
-    specs, failures = load_specs(Path(input).resolve(), keep_going=keep_going, require_control=mode == "transfer",
-                                 overrides=overrides, annotated=tuple(annotators))
+    specs, failures = load_specs(
+        Path(input).resolve(),
+        keep_going=keep_going,
+        require_control=mode == "transfer",
+        overrides=overrides,
+        annotated=tuple(annotators),
+    )
     refused: dict[str, str] = {}  # spec name -> why (mode and guardrail checks)
     for spec in specs:
         if mode != "transfer" and spec.controls:
@@ -172,16 +185,21 @@ def infer(
     if placement and offloaded:
         raise ValueError("--placement and --offload exclude each other (placement keeps every component on its GPU)")
     if context_parallel < 1 or world % context_parallel:
-        raise ValueError(f"--context-parallel {context_parallel} must divide the number of processes ({world}; "
-                         "start them with torchrun --nproc_per_node)")
+        raise ValueError(
+            f"--context-parallel {context_parallel} must divide the number of processes ({world}; "
+            "start them with torchrun --nproc_per_node)"
+        )
     if placement and context_parallel > 1:
         raise ValueError("--placement and --context-parallel exclude each other")
     if compile and context_parallel > 1:
-        raise ValueError("--compile has not been run with --context-parallel (the all-to-alls sit inside "
-                         "the compiled blocks); use one of them")
+        raise ValueError(
+            "--compile has not been run with --context-parallel (the all-to-alls sit inside "
+            "the compiled blocks); use one of them"
+        )
     if compile and settings.tokenizer["kind"] == "wan2.1":
-        settings.tokenizer = dict(settings.tokenizer, options={**(settings.tokenizer.get("options") or {}),
-                                                               "compile": compile})
+        settings.tokenizer = dict(
+            settings.tokenizer, options={**(settings.tokenizer.get("options") or {}), "compile": compile}
+        )
 
     # --- devices and the model ----------------------------------------------------------------------
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -197,8 +215,11 @@ def infer(
         devices = {"text_encoder": side_a, "tokenizer": side_a, "dit": side_b}
     else:
         devices = dict.fromkeys(COMPONENTS, torch.device(device))
-    dt = {"auto": torch.bfloat16 if devices["dit"].type == "cuda" else torch.float32,
-          "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    dt = {
+        "auto": torch.bfloat16 if devices["dit"].type == "cuda" else torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+    }[dtype]
     generator = build_generator(model, settings)
     if compile:
         from trainers.fsdp import set_compile
@@ -213,8 +234,17 @@ def infer(
         generator.denoiser.set_context_parallel(context_group(mesh))
         writer = mesh["context_parallel"].get_local_rank() == 0
         share, shares = data_parallel_rank(mesh)  # specs are split across the groups
-    pipe = Pipeline(generator, settings, devices, offloaded, reuse_latents, mode, dt, progress=len(specs) == 1,
-                    annotators=annotators)
+    pipe = Pipeline(
+        generator,
+        settings,
+        devices,
+        offloaded,
+        reuse_latents,
+        mode,
+        dt,
+        progress=len(specs) == 1,
+        annotators=annotators,
+    )
 
     out_root = Path(output_dir) if output_dir else None
     mine = specs[share::shares]
@@ -264,8 +294,13 @@ def infer(
     else:
         from tqdm import tqdm
 
-        for spec in tqdm(todo, desc=f"infer (rank {rank})" if world > 1 else "infer", unit="spec",
-                         disable=len(todo) < 2, position=rank):
+        for spec in tqdm(
+            todo,
+            desc=f"infer (rank {rank})" if world > 1 else "infer",
+            unit="spec",
+            disable=len(todo) < 2,
+            position=rank,
+        ):
             try:
                 finish(pipe.run(spec))
             except Exception as err:  # noqa: BLE001 - reported per spec
@@ -353,10 +388,20 @@ def write_outputs(job, out: Path, model: str, mode: str, guard, lossless: bool) 
             files.append(f)
     job.seconds["write"] = time.perf_counter() - t0
     chunks = len(job.plan.starts)
-    info = dict(run_info(spec, model, mode), sampler=asdict(job.sampler), nfe=nfe(job.sampler) * chunks,
-                chunks=chunks, frames=len(video), fps=fps, height=inputs.height, width=inputs.width,
-                seconds=dict(job.seconds, generate=sum(v for k, v in job.seconds.items() if k != "write")),
-                guardrails=guard.enabled, rank=int(os.environ.get("RANK", 0)), outputs=files)
+    info = dict(
+        run_info(spec, model, mode),
+        sampler=asdict(job.sampler),
+        nfe=nfe(job.sampler) * chunks,
+        chunks=chunks,
+        frames=len(video),
+        fps=fps,
+        height=inputs.height,
+        width=inputs.width,
+        seconds=dict(job.seconds, generate=sum(v for k, v in job.seconds.items() if k != "write")),
+        guardrails=guard.enabled,
+        rank=int(os.environ.get("RANK", 0)),
+        outputs=files,
+    )
     tmp = out / f".{name}.json.tmp"
     tmp.write_text(json.dumps(info, indent=2))
     tmp.replace(out / f"{name}.json")

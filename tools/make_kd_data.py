@@ -131,8 +131,9 @@ def make_kd_data(
         raise ValueError(f"{teacher} has no {modality} control branch (it has {sorted(net.controls)})")
     tok = build_tokenizer(tokenizer, tokenizer_path, **(tokenizer_options or {})).to(dev)
     if tok.latent_channels != net.cfg.dit.latent_channels:
-        raise ValueError(f"{teacher} takes {net.cfg.dit.latent_channels}-channel latents, the tokenizer gives "
-                         f"{tok.latent_channels}")
+        raise ValueError(
+            f"{teacher} takes {net.cfg.dit.latent_channels}-channel latents, the tokenizer gives {tok.latent_channels}"
+        )
     encoder = build_text_encoder(text_encoder, max_length)
     cfg = SamplerConfig(sampler=sampler, steps=steps, guidance=guidance, shift=shift)
     times = flow.student_t_list(t_list, t_shift)
@@ -174,8 +175,14 @@ def make_kd_data(
         controls = {modality: tok.encode(to_unit(batch["control"].to(dev))).float()} if modality else {}
         shape = tok.latent_shape(num_frames, height, width)
         noise = torch.stack([_noise(seed, s["key"], shape) for s in samples]).to(dev)
-        cond = Cond(text=text, text_mask=mask, neg_text=neg.float(), neg_text_mask=neg_mask, controls=controls,
-                    fps=float(batch["fps"][0]))
+        cond = Cond(
+            text=text,
+            text_mask=mask,
+            neg_text=neg.float(),
+            neg_text_mask=neg_mask,
+            controls=controls,
+            fps=float(batch["fps"][0]),
+        )
         states: dict[float, torch.Tensor] = {}
 
         def record(t: float, x: torch.Tensor) -> None:
@@ -186,11 +193,21 @@ def make_kd_data(
         x0 = Generator(net).sample(cond, noise, cfg, through=times, on_state=record)
         decoded = to_uint8(tok.decode(x0)).cpu()
         for i, s in enumerate(samples):
-            done[s["key"]] = _members(s, batch, i, noise, states, times, x0, decoded, text, mask, modality, dtype,
-                                      encode_video, settings)
+            done[s["key"]] = _members(
+                s, batch, i, noise, states, times, x0, decoded, text, mask, modality, dtype, encode_video, settings
+            )
 
-    settings = {"teacher": str(teacher), "modality": modality, "guidance": guidance, "negative_prompt": negative_prompt,
-                "sampler": sampler, "steps": steps, "shift": shift, "t_list": list(times), "seed": seed}  # fmt: skip
+    settings = {
+        "teacher": str(teacher),
+        "modality": modality,
+        "guidance": guidance,
+        "negative_prompt": negative_prompt,
+        "sampler": sampler,
+        "steps": steps,
+        "shift": shift,
+        "t_list": list(times),
+        "seed": seed,
+    }
 
     def build(key: str) -> list[tuple[str, bytes]]:
         if key not in done:
@@ -201,17 +218,35 @@ def make_kd_data(
             raise members[0]
         return members
 
-    config = dict(settings, frames=num_frames, size=[height, width], tokenizer=tokenizer,
-                  tokenizer_options=tokenizer_options or {}, text_encoder=text_encoder, max_length=max_length,
-                  store_dtype=store_dtype, version=1)  # fmt: skip
-    paths = write_shards(target, mine, build, samples_per_shard, "kd", config, resume, progress,
-                         info={"source": "teacher samples", "rank": rank, "world": world},
-                         created_by="vidistill make-kd-data")  # fmt: skip
+    config = dict(
+        settings,
+        frames=num_frames,
+        size=[height, width],
+        tokenizer=tokenizer,
+        tokenizer_options=tokenizer_options or {},
+        text_encoder=text_encoder,
+        max_length=max_length,
+        store_dtype=store_dtype,
+        version=1,
+    )
+    paths = write_shards(
+        target,
+        mine,
+        build,
+        samples_per_shard,
+        "kd",
+        config,
+        resume,
+        progress,
+        info={"source": "teacher samples", "rank": rank, "world": world},
+        created_by="vidistill make-kd-data",
+    )
     print(f"wrote {len(paths)} KD shards ({len(mine)} planned samples) to {target}")
 
 
-def _members(sample, batch, i, noise, states, times, x0, decoded, text, mask, modality, dtype, encode_video,
-             settings) -> list[tuple[str, bytes]]:
+def _members(
+    sample, batch, i, noise, states, times, x0, decoded, text, mask, modality, dtype, encode_video, settings
+) -> list[tuple[str, bytes]]:
     """One KD sample's shard members (see the module doc)."""
     import numpy as np
     import torch
@@ -233,10 +268,15 @@ def _members(sample, batch, i, noise, states, times, x0, decoded, text, mask, mo
     if modality:
         control = batch["control"][i]
         kd[f"control.{modality}"] = control.contiguous()
-        members.append((f"{modality}.mp4", encode_video(np.ascontiguousarray(control.permute(1, 2, 3, 0).numpy()), fps)))
+        members.append(
+            (f"{modality}.mp4", encode_video(np.ascontiguousarray(control.permute(1, 2, 3, 0).numpy()), fps))
+        )
     meta = dict(settings, caption=sample["caption"], fps=fps, source_key=sample["key"], teacher_states=True)
     text_st = {"emb": text[i].to(dtype).cpu().contiguous(), "mask": mask[i].to(torch.uint8).cpu()}
-    members += [("txt", sample["caption"].encode()), ("json", json.dumps(meta).encode()),
-                ("text.safetensors", st_save(text_st)),
-                ("kd.safetensors", st_save({k: v.contiguous() for k, v in kd.items()}))]  # fmt: skip
+    members += [
+        ("txt", sample["caption"].encode()),
+        ("json", json.dumps(meta).encode()),
+        ("text.safetensors", st_save(text_st)),
+        ("kd.safetensors", st_save({k: v.contiguous() for k, v in kd.items()})),
+    ]
     return members

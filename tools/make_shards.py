@@ -33,6 +33,7 @@ __all__ = ["make_shards", "load_pickle_array"]
 
 T1_TEXT_LENGTH = 512  # Cosmos-Transfer1's T5 sequence length; its pickles are trimmed to the real tokens
 
+
 def _report(paths: list[str], out: str | os.PathLike) -> None:
     index = read_index(out) or {}
     skipped = index.get("skipped", {})
@@ -79,8 +80,9 @@ def _probe_fields(data: bytes, rel: Path) -> dict:
     return {"fps": info.fps, "frames": info.frames, "width": info.width, "height": info.height}
 
 
-def _folder(src: Path, out: str, samples_per_shard: int, prefix: str, recursive: bool, resume: bool,
-            progress: bool) -> list[str]:  # fmt: skip
+def _folder(
+    src: Path, out: str, samples_per_shard: int, prefix: str, recursive: bool, resume: bool, progress: bool
+) -> list[str]:
     from datamodules.controls import MODALITIES
 
     side = set(MODALITIES) | {"mask"}  # control sub-folders: never source videos
@@ -88,7 +90,9 @@ def _folder(src: Path, out: str, samples_per_shard: int, prefix: str, recursive:
     videos = sorted(p.relative_to(src) for p in src.glob(pattern) if p.is_file())
     videos = [rel for rel in videos if rel.parts[0] not in side]
     if not videos:
-        raise ValueError(f"no *.mp4 videos in {src}" + ("" if recursive else " (--recursive true searches sub-folders)"))
+        raise ValueError(
+            f"no *.mp4 videos in {src}" + ("" if recursive else " (--recursive true searches sub-folders)")
+        )
     by_key: dict[str, Path] = {}
     missing: list[str] = []
     for rel in videos:
@@ -101,8 +105,11 @@ def _folder(src: Path, out: str, samples_per_shard: int, prefix: str, recursive:
             raise ValueError(f"{rel} and {by_key[key]} map to the same sample key {key!r}; rename one")
         by_key[key] = rel
     if missing:
-        warnings.warn(f"{len(missing)} video(s) have no .txt caption and are skipped: "
-                      f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"{len(missing)} video(s) have no .txt caption and are skipped: "
+            f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}",
+            stacklevel=3,
+        )
     if not by_key:
         raise ValueError(f"none of the {len(videos)} videos in {src} has a same-stem .txt caption")
 
@@ -117,8 +124,18 @@ def _folder(src: Path, out: str, samples_per_shard: int, prefix: str, recursive:
 
     config = {"mode": "folder", "src": str(src.resolve())}
     info = {"source": str(src.resolve()), "skipped_no_caption": missing[:100]}
-    return write_shards(out, list(by_key), build, samples_per_shard, prefix, config, resume, progress, info,
-                        skipped={"no caption": missing})  # fmt: skip
+    return write_shards(
+        out,
+        list(by_key),
+        build,
+        samples_per_shard,
+        prefix,
+        config,
+        resume,
+        progress,
+        info,
+        skipped={"no caption": missing},
+    )
 
 
 def load_pickle_array(path: Path, what: str) -> Any:
@@ -138,7 +155,17 @@ def load_pickle_array(path: Path, what: str) -> Any:
     if isinstance(obj, (list, tuple)) and len(obj) == 1:
         obj = obj[0]
     if isinstance(obj, dict):
-        names = ("emb", "embedding", "embeddings", "t5_xxl", "text_embeddings", "encoded_text", "noise", "array", "data")
+        names = (
+            "emb",
+            "embedding",
+            "embeddings",
+            "t5_xxl",
+            "text_embeddings",
+            "encoded_text",
+            "noise",
+            "array",
+            "data",
+        )
         arrays = {k: v for k, v in obj.items() if isinstance(v, (np.ndarray, torch.Tensor))}
         hit = next((k for k in names if k in arrays), None)
         if hit is None and len(arrays) == 1:
@@ -173,8 +200,10 @@ def _transfer1(src: Path, out: str, samples_per_shard: int, prefix: str, resume:
     videos = sorted(videos_dir.glob("*.mp4")) if videos_dir.is_dir() else []
     if not videos:
         raise ValueError(f"{src} is not a Cosmos-Transfer1 KD folder: no videos/*.mp4 in it")
-    print("Cosmos-Transfer1 KD data holds the input noise and the teacher's output video but no "
-          "intermediate teacher states: these shards support 1-step KD only (noise -> video).")  # fmt: skip
+    print(
+        "Cosmos-Transfer1 KD data holds the input noise and the teacher's output video but no "
+        "intermediate teacher states: these shards support 1-step KD only (noise -> video)."
+    )
     by_key: dict[str, Path] = {}
     missing: list[str] = []
     for video in videos:
@@ -188,8 +217,10 @@ def _transfer1(src: Path, out: str, samples_per_shard: int, prefix: str, resume:
             raise ValueError(f"{video.name} and {by_key[key].name} map to the same sample key {key!r}")
         by_key[key] = video
     if missing:
-        warnings.warn(f"{len(missing)} video(s) lack t5_xxl/ or noise/ pickles and are skipped: "
-                      f"{', '.join(missing[:5])}", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"{len(missing)} video(s) lack t5_xxl/ or noise/ pickles and are skipped: {', '.join(missing[:5])}",
+            stacklevel=3,
+        )
     if not by_key:
         raise ValueError(f"no video in {videos_dir} has both t5_xxl/<stem>.pickle and noise/<stem>.pickle")
     # Transfer1 calls the blur control "vis"
@@ -221,8 +252,15 @@ def _transfer1(src: Path, out: str, samples_per_shard: int, prefix: str, resume:
             path = src / folder / f"{stem}.mp4"
             if path.is_file() and f"{m}.mp4" not in dict(controls):
                 controls.append((f"{m}.mp4", path.read_bytes()))
-        meta = {"caption": caption, **meta, "source": f"videos/{video.name}", "kd": "transfer1",
-                "teacher_states": False, "text_tokens": tokens, "controls": [e for e, _ in controls]}  # fmt: skip
+        meta = {
+            "caption": caption,
+            **meta,
+            "source": f"videos/{video.name}",
+            "kd": "transfer1",
+            "teacher_states": False,
+            "text_tokens": tokens,
+            "controls": [e for e, _ in controls],
+        }
         return [
             ("mp4", data),
             ("txt", caption.encode("utf-8")),
@@ -233,9 +271,24 @@ def _transfer1(src: Path, out: str, samples_per_shard: int, prefix: str, resume:
         ]
 
     config = {"mode": "transfer1", "src": str(src.resolve())}
-    info = {"source": str(src.resolve()), "kd": "transfer1", "teacher_states": False, "skipped_incomplete": missing[:100]}
-    return write_shards(out, list(by_key), build, samples_per_shard, prefix, config, resume, progress, info,
-                        skipped={"no t5_xxl or noise pickle": missing})  # fmt: skip
+    info = {
+        "source": str(src.resolve()),
+        "kd": "transfer1",
+        "teacher_states": False,
+        "skipped_incomplete": missing[:100],
+    }
+    return write_shards(
+        out,
+        list(by_key),
+        build,
+        samples_per_shard,
+        prefix,
+        config,
+        resume,
+        progress,
+        info,
+        skipped={"no t5_xxl or noise pickle": missing},
+    )
 
 
 def _parse_shape(text: str, n: int, what: str) -> tuple[int, ...]:
@@ -271,7 +324,8 @@ def make_shards(
     resume: bool = True,
     progress: bool = True,
 ) -> None:
-    """Write webdataset shards from a folder of captioned videos, a Cosmos-Transfer1 KD folder, or the synthetic default.
+    """Write webdataset shards from a folder of captioned videos, a Cosmos-Transfer1 KD folder or the
+    synthetic default.
 
     A folder: every ``*.mp4`` with a same-stem ``.txt`` caption becomes one sample (videos
     without a caption are skipped, warned about and counted in index.json). Optional controls
@@ -325,23 +379,47 @@ def make_shards(
     if synthetic is not None:
         if src is not None or transfer1_kd:
             raise ValueError("--synthetic makes its own data: give no src and no --transfer1_kd")
-        from datamodules.synthetic import write_latent_shards, write_synthetic_shards
-
-        from datamodules.synthetic import PATTERNS
+        from datamodules.synthetic import PATTERNS, write_latent_shards, write_synthetic_shards
 
         mods = tuple(m.strip() for m in controls.split(",") if m.strip())
         if synthetic == "video":
             pats = PATTERNS if floors == "textured" else tuple(f.strip() for f in floors.split(",") if f.strip())
-            colours = None if floor_colours == "all" else tuple(c.strip() for c in floor_colours.split(",") if c.strip())
-            paths = write_synthetic_shards(out, num_samples, samples_per_shard, num_frames, height, width, fps, seed,
-                                           mods, progress, prefix=prefix, resume=resume, floors=pats,
-                                           floor_colours=colours, shape_scale=shape_scale)  # fmt: skip
+            colours = (
+                None if floor_colours == "all" else tuple(c.strip() for c in floor_colours.split(",") if c.strip())
+            )
+            paths = write_synthetic_shards(
+                out,
+                num_samples,
+                samples_per_shard,
+                num_frames,
+                height,
+                width,
+                fps,
+                seed,
+                mods,
+                progress,
+                prefix=prefix,
+                resume=resume,
+                floors=pats,
+                floor_colours=colours,
+                shape_scale=shape_scale,
+            )
         elif synthetic == "latent":
             shape = _parse_shape(latent_shape, 4, "latent_shape")
             text = _parse_shape(text_shape, 2, "text_shape")
-            paths = write_latent_shards(out, num_samples, shape, text, samples_per_shard, seed,
-                                        control_modalities=mods, fps=fps, prefix=prefix, resume=resume,
-                                        progress=progress)  # fmt: skip
+            paths = write_latent_shards(
+                out,
+                num_samples,
+                shape,
+                text,
+                samples_per_shard,
+                seed,
+                control_modalities=mods,
+                fps=fps,
+                prefix=prefix,
+                resume=resume,
+                progress=progress,
+            )
         else:
             raise ValueError(f"synthetic must be 'video' or 'latent', got {synthetic!r}")
         _report(paths, out)

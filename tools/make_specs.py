@@ -43,8 +43,8 @@ def make_specs(
     import webdataset as wds
 
     from datamodules.codec import probe
-    from modules.spec import MODALITY_NAMES
     from datamodules.shards import expand_shards
+    from modules.spec import MODALITY_NAMES
 
     keys = [k for k in controls.split(",") if k]
     unknown = [k for k in keys if k not in MODALITY_NAMES]
@@ -64,8 +64,14 @@ def make_specs(
         video.write_bytes(sample["mp4"])
         caption = sample["txt"].decode() if "txt" in sample else json.loads(sample["json"])["caption"]
         info = probe(sample["mp4"])
-        spec = {"name": key, "prompt": caption.strip(), "video_path": f"videos/{key}.mp4", "seed": len(lines),
-                "resolution": f"{info.height}x{info.width}", "max_frames": info.frames}
+        spec = {
+            "name": key,
+            "prompt": caption.strip(),
+            "video_path": f"videos/{key}.mp4",
+            "seed": len(lines),
+            "resolution": f"{info.height}x{info.width}",
+            "max_frames": info.frames,
+        }
         spec.update({k: v for k, v in dict(num_steps=num_steps, guidance=guidance).items() if v is not None})
         for k in keys:
             block = {"control_weight": control_weight}

@@ -50,17 +50,40 @@ class Budget:
     specs: int = 8
 
 
-SMOKE = Budget(train_clips=16, val_clips=4, base_steps=2, control_steps=2, blur_steps=2, kd_clips=8,
-               kd_val_clips=2, kd_steps=2, dmd2_turns=6, specs=2, val_samples=2)
+SMOKE = Budget(
+    train_clips=16,
+    val_clips=4,
+    base_steps=2,
+    control_steps=2,
+    blur_steps=2,
+    kd_clips=8,
+    kd_val_clips=2,
+    kd_steps=2,
+    dmd2_turns=6,
+    specs=2,
+    val_samples=2,
+)
 BUDGETS = {
     "cpu": {"full": Budget(), "smoke": SMOKE},
     # one GPU: the CPU run's clips and networks with about 15x the steps and 8x the clips, what the
     # tiny networks need to draw the shapes (measured on an H200: 200 base + 200 edge steps give
     # scattered blocks, 1000 + 500 shapes in patches, 3000 + 1500 whole shapes that follow the edges)
-    "cuda": {"full": Budget(train_clips=2048, val_clips=16, base_steps=3000, control_steps=1500, blur_steps=500,
-                            kd_clips=512, kd_val_clips=16, kd_steps=600, dmd2_turns=400, specs=8,
-                            val_samples=8),
-             "smoke": SMOKE},
+    "cuda": {
+        "full": Budget(
+            train_clips=2048,
+            val_clips=16,
+            base_steps=3000,
+            control_steps=1500,
+            blur_steps=500,
+            kd_clips=512,
+            kd_val_clips=16,
+            kd_steps=600,
+            dmd2_turns=400,
+            specs=8,
+            val_samples=8,
+        ),
+        "smoke": SMOKE,
+    },
 }
 
 
@@ -115,8 +138,10 @@ def training_config(stage: str, steps: int, device: str, val_samples: int | None
             model[key]["warmup_steps"] = min(model[key].get("warmup_steps", 0), max(steps // 10, 1))
     path = Path("configs") / f"{stage}.yaml"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(f"# recipes/quickstart/{stage}.yaml with the quickstart budget ({steps} steps)\n"
-                    + yaml.safe_dump(recipe, sort_keys=False))
+    path.write_text(
+        f"# recipes/quickstart/{stage}.yaml with the quickstart budget ({steps} steps)\n"
+        + yaml.safe_dump(recipe, sort_keys=False)
+    )
     return path
 
 
@@ -152,30 +177,112 @@ def quickstart(*, out: str = "quickstart", device: str = "cpu", budget: str = "f
     out_dir = RUNS / "out"
     specs = RUNS / "specs"
     stages = [
-        ("data", lambda: (cli("make-shards", "--synthetic", "video", "--out", data / "train", "--num_samples",
-                              b.train_clips, *size),
-                          cli("make-shards", "--synthetic", "video", "--out", data / "val", "--num_samples",
-                              b.val_clips, "--seed", 1, "--prefix", "val", *size)), None),
+        (
+            "data",
+            lambda: (
+                cli(
+                    "make-shards",
+                    "--synthetic",
+                    "video",
+                    "--out",
+                    data / "train",
+                    "--num_samples",
+                    b.train_clips,
+                    *size,
+                ),
+                cli(
+                    "make-shards",
+                    "--synthetic",
+                    "video",
+                    "--out",
+                    data / "val",
+                    "--num_samples",
+                    b.val_clips,
+                    "--seed",
+                    1,
+                    "--prefix",
+                    "val",
+                    *size,
+                ),
+            ),
+            None,
+        ),
         ("base", lambda: fit("base", b.base_steps, device, b.val_samples), RUNS / "base/export"),
         ("edge", lambda: fit("edge", b.control_steps, device, b.val_samples), RUNS / "edge/export"),
         ("blur", lambda: fit("blur", b.blur_steps, device, b.val_samples), RUNS / "blur/export"),
-        ("kd_data", lambda: (cli("make-kd-data", "--config", RECIPES / "kd_data.yaml", "--num_samples", b.kd_clips),
-                             cli("make-kd-data", "--config", RECIPES / "kd_data.yaml", "--shards", data / "val",
-                                 "--out", RUNS / "kd/val", "--num_samples", b.kd_val_clips)), None),
+        (
+            "kd_data",
+            lambda: (
+                cli("make-kd-data", "--config", RECIPES / "kd_data.yaml", "--num_samples", b.kd_clips),
+                cli(
+                    "make-kd-data",
+                    "--config",
+                    RECIPES / "kd_data.yaml",
+                    "--shards",
+                    data / "val",
+                    "--out",
+                    RUNS / "kd/val",
+                    "--num_samples",
+                    b.kd_val_clips,
+                ),
+            ),
+            None,
+        ),
         ("kd", lambda: fit("kd", b.kd_steps, device, b.val_samples), RUNS / "kd/export"),
         ("dmd2", lambda: fit("dmd2", b.dmd2_turns, device, b.val_samples), RUNS / "dmd2/export"),
-        ("consolidate", lambda: cli("consolidate", RUNS / "dmd2/checkpoints/last.ckpt", "--out",
-                                    RUNS / "dmd2/consolidated"), RUNS / "dmd2/consolidated/student"),
-        ("combine", lambda: cli("combine", RUNS / "base/export", "--control",
-                                json.dumps([str(RUNS / "edge/export"), str(RUNS / "blur/export")]),
-                                "--out", RUNS / "teacher_edge_vis"), RUNS / "teacher_edge_vis/model.safetensors"),
-        ("specs", lambda: [cli("make-specs", data / "val", "--out", specs, "--controls", c, "--num", b.specs,
-                               "--file", f, "--num_steps", 35, "--guidance", 0)
-                           for c, f in (("edge", "edge.jsonl"), ("edge,vis", "edge_vis.jsonl"))], None),
+        (
+            "consolidate",
+            lambda: cli("consolidate", RUNS / "dmd2/checkpoints/last.ckpt", "--out", RUNS / "dmd2/consolidated"),
+            RUNS / "dmd2/consolidated/student",
+        ),
+        (
+            "combine",
+            lambda: cli(
+                "combine",
+                RUNS / "base/export",
+                "--control",
+                json.dumps([str(RUNS / "edge/export"), str(RUNS / "blur/export")]),
+                "--out",
+                RUNS / "teacher_edge_vis",
+            ),
+            RUNS / "teacher_edge_vis/model.safetensors",
+        ),
+        (
+            "specs",
+            lambda: [
+                cli(
+                    "make-specs",
+                    data / "val",
+                    "--out",
+                    specs,
+                    "--controls",
+                    c,
+                    "--num",
+                    b.specs,
+                    "--file",
+                    f,
+                    "--num_steps",
+                    35,
+                    "--guidance",
+                    0,
+                )
+                for c, f in (("edge", "edge.jsonl"), ("edge,vis", "edge_vis.jsonl"))
+            ],
+            None,
+        ),
         ("infer", lambda: infer_all(specs, out_dir, device), None),
-        ("evaluate", lambda: cli("evaluate", *(out_dir / r for r, _, _, _ in RUNS_TO_COMPARE), "--labels",
-                                 json.dumps([label for _, label, _, _ in RUNS_TO_COMPARE]), "--out", RUNS / "eval"),
-         None),
+        (
+            "evaluate",
+            lambda: cli(
+                "evaluate",
+                *(out_dir / r for r, _, _, _ in RUNS_TO_COMPARE),
+                "--labels",
+                json.dumps([label for _, label, _, _ in RUNS_TO_COMPARE]),
+                "--out",
+                RUNS / "eval",
+            ),
+            None,
+        ),
     ]
     with inside(root):
         for name, run, artifact in stages:
@@ -200,8 +307,12 @@ RUNS_TO_COMPARE = [
     ("teacher", "teacher (35 steps)", RUNS / "edge/export", ["--input", "edge.jsonl"]),
     ("kd", "KD student (4 steps)", RUNS / "kd/export", ["--input", "edge.jsonl"]),
     ("dmd2", "DMD2 student (4 steps)", RUNS / "dmd2/consolidated/student", ["--input", "edge.jsonl"]),
-    ("dmd2_1step", "DMD2 student (1 step)", RUNS / "dmd2/consolidated/student",
-     ["--input", "edge.jsonl", "--num-steps", 1]),
+    (
+        "dmd2_1step",
+        "DMD2 student (1 step)",
+        RUNS / "dmd2/consolidated/student",
+        ["--input", "edge.jsonl", "--num-steps", 1],
+    ),
     ("teacher_edge_vis", "teacher, edge + vis (35 steps)", RUNS / "teacher_edge_vis", ["--input", "edge_vis.jsonl"]),
 ]
 
@@ -210,5 +321,14 @@ def infer_all(specs: Path, out_dir: Path, device: str) -> None:
     """Every compared model over the held-out specs (lossless copies for exact scoring)."""
     for folder, _, model, extra in RUNS_TO_COMPARE:
         args = [a if a not in ("edge.jsonl", "edge_vis.jsonl") else specs / a for a in extra]
-        cli("infer", *args, "-o", out_dir / folder, "--model", model, "--lossless", "--device",
-            "cuda" if device == "cuda" else "cpu")
+        cli(
+            "infer",
+            *args,
+            "-o",
+            out_dir / folder,
+            "--model",
+            model,
+            "--lossless",
+            "--device",
+            "cuda" if device == "cuda" else "cpu",
+        )

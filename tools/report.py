@@ -45,21 +45,32 @@ def line_chart(title: str, curves: dict[str, list[tuple[int, float]]], width: in
     hi = hi if hi > lo else lo + 1
     s0, s1 = min(steps), max(max(steps), min(steps) + 1)
     left, top, w, h = 44, 22, width - 54, height - 64  # below the plot: step labels, a 2-column legend
-    x = lambda s: left + w * (s - s0) / (s1 - s0)
-    y = lambda v: top + h * (1 - (f(v) - lo) / (hi - lo))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="10" '
-             f'font-family="sans-serif"><text x="{left}" y="13" font-weight="bold">{html.escape(title)}</text>',
-             f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#ccc"/>']
+
+    def x(s):
+        return left + w * (s - s0) / (s1 - s0)
+
+    def y(v):
+        return top + h * (1 - (f(v) - lo) / (hi - lo))
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="10" '
+        f'font-family="sans-serif"><text x="{left}" y="13" font-weight="bold">{html.escape(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#ccc"/>',
+    ]
     for v, anchor in ((max(points), top + 4), (min(points), top + h)):
         parts.append(f'<text x="{left - 3}" y="{anchor}" text-anchor="end">{v:.3g}</text>')
-    parts.append(f'<text x="{left}" y="{top + h + 12}">{s0}</text>'
-                 f'<text x="{left + w}" y="{top + h + 12}" text-anchor="end">step {s1}</text>')
+    parts.append(
+        f'<text x="{left}" y="{top + h + 12}">{s0}</text>'
+        f'<text x="{left + w}" y="{top + h + 12}" text-anchor="end">step {s1}</text>'
+    )
     for i, (tag, c) in enumerate(curves.items()):
         color = colors[i % len(colors)]
         path = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in c)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>'
-                     f'<text x="{left + 4 + (i % 2) * 150}" y="{top + h + 26 + (i // 2) * 12}" fill="{color}">'
-                     f'{html.escape(tag.removeprefix("train/"))}</text>')
+        parts.append(
+            f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>'
+            f'<text x="{left + 4 + (i % 2) * 150}" y="{top + h + 26 + (i // 2) * 12}" fill="{color}">'
+            f"{html.escape(tag.removeprefix('train/'))}</text>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -114,27 +125,37 @@ def write_report(out: Path) -> Path:
     def cell(v, digits=3):
         return "–" if v is None else f"{v:.{digits}f}"
 
-    table = ["<tr><th>model</th><th>Edge F1 (1 px)</th><th>Blur SSIM</th><th>NFE</th><th>s / video</th>"
-             f"<th>speed-up vs {html.escape(metrics['runs'][0]['label'])}</th></tr>"]
+    table = [
+        "<tr><th>model</th><th>Edge F1 (1 px)</th><th>Blur SSIM</th><th>NFE</th><th>s / video</th>"
+        f"<th>speed-up vs {html.escape(metrics['runs'][0]['label'])}</th></tr>"
+    ]
     for r in metrics["runs"]:
-        table.append(f"<tr><td>{html.escape(r['label'])}</td><td>{cell(r.get('edge_f1'))}</td>"
-                     f"<td>{cell(r.get('blur_ssim'))}</td><td>{cell(r.get('nfe'), 0)}</td>"
-                     f"<td>{cell(r.get('seconds'), 2)}</td><td>{r['speedup']:.2f}x</td></tr>")
+        table.append(
+            f"<tr><td>{html.escape(r['label'])}</td><td>{cell(r.get('edge_f1'))}</td>"
+            f"<td>{cell(r.get('blur_ssim'))}</td><td>{cell(r.get('nfe'), 0)}</td>"
+            f"<td>{cell(r.get('seconds'), 2)}</td><td>{r['speedup']:.2f}x</td></tr>"
+        )
     stages = "".join(f"<tr><td>{html.escape(k)}</td><td>{v / 60:.1f} min</td></tr>" for k, v in state["stages"].items())
-    charts = "".join(line_chart(stage, scalars(runs / stage)) for stage in ("base", "edge", "blur", "kd", "dmd2")
-                     if (runs / stage).is_dir())
+    charts = "".join(
+        line_chart(stage, scalars(runs / stage))
+        for stage in ("base", "edge", "blur", "kd", "dmd2")
+        if (runs / stage).is_dir()
+    )
     videos = "".join(
-        f'<figure><figcaption>{html.escape(name)}: “{html.escape(prompt)}”</figcaption>'
-        f'<div class="labels" style="width:{w}px">' + "".join(f"<span>{html.escape(lab)}</span>" for lab in labels)
+        f"<figure><figcaption>{html.escape(name)}: “{html.escape(prompt)}”</figcaption>"
+        f'<div class="labels" style="width:{w}px">'
+        + "".join(f"<span>{html.escape(lab)}</span>" for lab in labels)
         + f'</div><video src="{src}" width="{w}" height="{h}" autoplay loop muted playsinline></video></figure>'
-        for name, prompt, src, w, h in rows)
+        for name, prompt, src, w, h in rows
+    )
     chart = (runs / "eval" / "metrics.svg").read_text() if (runs / "eval" / "metrics.svg").is_file() else ""
     total = sum(state["stages"].values())
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>vidistill quickstart report</title>
 <style>
 body {{ font-family: sans-serif; margin: 24px; color: #222; max-width: 1400px; }}
-table {{ border-collapse: collapse; margin: 8px 0 20px; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+table {{ border-collapse: collapse; margin: 8px 0 20px; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
 figure {{ margin: 0 0 18px; }} figcaption {{ font-size: 13px; margin-bottom: 4px; }}
 .labels {{ display: flex; font-size: 11px; color: #555; }} .labels span {{ flex: 1; text-align: center; }}
@@ -144,13 +165,13 @@ video {{ image-rendering: pixelated; display: block; }} .charts svg {{ margin-ri
 <p>A tiny base trained from scratch on synthetic clips, edge and blur control branches on it (the teacher),
 the teacher's trajectories (KD data), a 4-step student warmed up on them (KD) and distilled with DMD2,
 then every model run by <code>vidistill infer</code> on {len(specs)} held-out clips and scored by
-<code>vidistill evaluate</code>. Budget: <code>{html.escape(json.dumps(state['budget']))}</code>;
-device {html.escape(state['device'])} ({html.escape(state['machine'])}).</p>
+<code>vidistill evaluate</code>. Budget: <code>{html.escape(json.dumps(state["budget"]))}</code>;
+device {html.escape(state["device"])} ({html.escape(state["machine"])}).</p>
 <h2>Videos</h2>
 <p>Per held-out clip: the input, its edge control, then each model's video ({SCALE}x enlarged, looped).</p>
 {videos}
 <h2>Control fidelity and speed</h2>
-<table>{''.join(table)}</table>
+<table>{"".join(table)}</table>
 {chart}
 <h2>Training</h2>
 <div class="charts">{charts}</div>

@@ -90,8 +90,15 @@ class SampleVideos(L.Callback):
     TensorBoard and as WebM files next to the logs, and log the control's metric (Edge F1 for
     edge, Blur SSIM for blur) of the samples as a validation metric."""
 
-    def __init__(self, max_videos: int = 4, seed: int = 0, fps: float = 8.0, write_files: bool = True,
-                 compare_without_control: bool = True, edge_tolerance: int = 2):
+    def __init__(
+        self,
+        max_videos: int = 4,
+        seed: int = 0,
+        fps: float = 8.0,
+        write_files: bool = True,
+        compare_without_control: bool = True,
+        edge_tolerance: int = 2,
+    ):
         """
         Args:
             max_videos: videos logged per validation (rank 0's first ones).
@@ -107,8 +114,12 @@ class SampleVideos(L.Callback):
         self.compare, self.tolerance = compare_without_control, edge_tolerance
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
-        if batch_idx != 0 or trainer.sanity_checking or getattr(module, "tokenizer", None) is None \
-                or not hasattr(module, "generate"):
+        if (
+            batch_idx != 0
+            or trainer.sanity_checking
+            or getattr(module, "tokenizer", None) is None
+            or not hasattr(module, "generate")
+        ):
             return
         videos = module.generate(batch, seed=self.seed)  # every rank: the network is sharded
         metric = control_metric(module.modality, videos, batch, self.tolerance)
@@ -140,8 +151,9 @@ def _even(frames: np.ndarray) -> np.ndarray:
     return frames[:, : H - H % 2, : W - W % 2]
 
 
-def control_metric(modality: str | None, videos: torch.Tensor, batch: dict,
-                   edge_tolerance: int = 2) -> tuple[str, float] | None:
+def control_metric(
+    modality: str | None, videos: torch.Tensor, batch: dict, edge_tolerance: int = 2
+) -> tuple[str, float] | None:
     """Edge F1 of samples against the input edge maps, or Blur SSIM against the input video."""
     from datamodules.metrics import blur_ssim, edge_f1
 
@@ -197,8 +209,10 @@ class Throughput(L.Callback):
             stats["perf/peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         module.log_dict(stats, rank_zero_only=True)
         if self.print_stats and trainer.global_rank == 0:
-            print(f"step {trainer.global_step}: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in stats.items()),
-                  flush=True)
+            print(
+                f"step {trainer.global_step}: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in stats.items()),
+                flush=True,
+            )
         self._t0, self._samples, self._last_step = time.perf_counter(), 0, trainer.global_step
 
 
@@ -400,8 +414,10 @@ class Preemption(L.Callback):
         path = save_atomic(trainer, checkpoint_path(trainer, f"preempted-step={trainer.global_step}"))
         requeued = trainer.is_global_zero and self.requeue and requeue_slurm_job()
         if trainer.is_global_zero:
-            print(f"pre-empted at step {trainer.global_step}: checkpoint {path}"
-                  + ("; job requeued" if requeued else ""), flush=True)
+            print(
+                f"pre-empted at step {trainer.global_step}: checkpoint {path}" + ("; job requeued" if requeued else ""),
+                flush=True,
+            )
         raise Preempted(0)
 
 

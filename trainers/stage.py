@@ -12,8 +12,8 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from modules.denoiser import Cond, Denoiser
 from modules.generator import Generator, SamplerConfig, to_uint8, to_unit
@@ -120,11 +120,25 @@ class Stage(L.LightningModule):
     schedule and the data position move on), so the per-sample random streams stay as they were.
     """
 
-    def __init__(self, tokenizer: TokenizerSpec, text: TextSpec, optim: OptimSpec, sharding: ShardingConfig,
-                 seed: int, ema_decay: float | None = None, export_to: str | None = None,
-                 max_nonfinite_steps: int | None = 5):
+    def __init__(
+        self,
+        tokenizer: TokenizerSpec,
+        text: TextSpec,
+        optim: OptimSpec,
+        sharding: ShardingConfig,
+        seed: int,
+        ema_decay: float | None = None,
+        export_to: str | None = None,
+        max_nonfinite_steps: int | None = 5,
+    ):
         super().__init__()
-        self.tok_spec, self.text_spec, self.optim_spec, self.sharding, self.seed = tokenizer, text, optim, sharding, seed
+        self.tok_spec, self.text_spec, self.optim_spec, self.sharding, self.seed = (
+            tokenizer,
+            text,
+            optim,
+            sharding,
+            seed,
+        )
         self.ema_decay, self.export_to = ema_decay, export_to
         if max_nonfinite_steps is not None and max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1 or None, got {max_nonfinite_steps}")
@@ -133,8 +147,9 @@ class Stage(L.LightningModule):
         self._loss_bad: torch.Tensor | None = None  # this rank's losses since the last optimizer step
         self._skipped_step = False  # the last optimizer step was skipped
         self.ema: EMAWeights | None = None
-        self.tokenizer = None if tokenizer.kind == "none" else build_tokenizer(tokenizer.kind, tokenizer.path,
-                                                                                   **tokenizer.options)
+        self.tokenizer = (
+            None if tokenizer.kind == "none" else build_tokenizer(tokenizer.kind, tokenizer.path, **tokenizer.options)
+        )
         self.text_encoder = build_text_encoder(text.encoder, text.max_length)
 
     # --- networks -----------------------------------------------------------------------------
@@ -160,12 +175,15 @@ class Stage(L.LightningModule):
     def check_fits(self, cfg: NetConfig, source: str) -> None:
         """A saved network must read this recipe's latents and text: say so before any shape error."""
         if self.tokenizer is not None and self.tokenizer.latent_channels != cfg.dit.latent_channels:
-            raise ValueError(f"{source} takes {cfg.dit.latent_channels}-channel latents but the tokenizer "
-                             f"gives {self.tokenizer.latent_channels}")
+            raise ValueError(
+                f"{source} takes {cfg.dit.latent_channels}-channel latents but the tokenizer "
+                f"gives {self.tokenizer.latent_channels}"
+            )
         width = cfg.dit.text_proj_in or cfg.dit.text_dim
         if self.text_encoder is not None and self.text_encoder.out_dim != width:
-            raise ValueError(f"{source} reads {width}-wide text embeddings but the text encoder gives "
-                             f"{self.text_encoder.out_dim}")
+            raise ValueError(
+                f"{source} reads {width}-wide text embeddings but the text encoder gives {self.text_encoder.out_dim}"
+            )
 
     def mesh(self):
         """The mesh networks are sharded over (None without a process group): data_parallel, or
@@ -252,8 +270,12 @@ class Stage(L.LightningModule):
     def nonfinite_anywhere(self, optimizer) -> bool:
         """Whether any rank has a non-finite loss since its last step or a non-finite gradient of
         this optimizer's parameters (local shards); one all-reduce, so every rank agrees."""
-        local = (g.to_local() if isinstance(g, DTensor) else g
-                 for group in optimizer.param_groups for p in group["params"] if (g := p.grad) is not None)
+        local = (
+            g.to_local() if isinstance(g, DTensor) else g
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if (g := p.grad) is not None
+        )
         grads = [g for g in local if g.numel()]
         flag = torch.zeros((), device=self.device)
         if grads:  # a sum of norms is finite iff every element is (one small kernel per dtype)
@@ -278,7 +300,8 @@ class Stage(L.LightningModule):
             f"{step}) had a non-finite loss or gradient on at least one rank ({self.nonfinite_total} skipped "
             f"in all). No weight took a non-finite value; the state after the last good step is saved in "
             f"{path}. Look for a learning rate that is too high, bf16 overflow or broken data, then resume "
-            f"with --ckpt_path {path} (or last); max_nonfinite_steps sets how many skips in a row are allowed.")
+            f"with --ckpt_path {path} (or last); max_nonfinite_steps sets how many skips in a row are allowed."
+        )
 
     def trained_model(self) -> Denoiser:
         """The network this stage trains (the one EMA tracks and export writes)."""
@@ -292,7 +315,9 @@ class Stage(L.LightningModule):
 
         nets = {name: module.cfg.to_dict() for name, module in self.named_children() if isinstance(module, Denoiser)}
         checkpoint["net_configs"] = nets
-        checkpoint["head_configs"] = {name: m.cfg.to_dict() for name, m in self.named_children() if isinstance(m, GANHead)}
+        checkpoint["head_configs"] = {
+            name: m.cfg.to_dict() for name, m in self.named_children() if isinstance(m, GANHead)
+        }
         if self.ema is not None:
             checkpoint["ema_of"] = next(n for n, m in self.named_children() if m is self.trained_model())
         checkpoint["trained"] = next(n for n, m in self.named_children() if m is self.trained_model())
@@ -307,9 +332,11 @@ class Stage(L.LightningModule):
         """What inference needs besides the trained network's weights (its generation.json). A
         stage that reads precomputed text or latents (tokenizer or text encoder `none`, as KD and
         DMD2 do) passes on those of the network it started from."""
-        settings = GenerationSettings(tokenizer=asdict(self.tok_spec),
-                                      text={"encoder": self.text_spec.encoder, "max_length": self.text_spec.max_length},
-                                      sampler=asdict(self.sampler))
+        settings = GenerationSettings(
+            tokenizer=asdict(self.tok_spec),
+            text={"encoder": self.text_spec.encoder, "max_length": self.text_spec.max_length},
+            sampler=asdict(self.sampler),
+        )
         source = getattr(self.trained_model(), "init_from", None)
         inherited = GenerationSettings.load(source) if source else None
         if inherited is not None:
@@ -384,8 +411,9 @@ class Stage(L.LightningModule):
     # --- samples ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, batch: dict, seed: int = 0, sampler: SamplerConfig | None = None,
-                 use_control: bool = True) -> torch.Tensor:
+    def generate(
+        self, batch: dict, seed: int = 0, sampler: SamplerConfig | None = None, use_control: bool = True
+    ) -> torch.Tensor:
         """Videos (B, 3, T, H, W) uint8 of the trained network for a batch's prompts and controls
         (sample-video callback, evaluation), sampled with `sampler` (default the stage's
         `self.sampler`). The unconditional branch of CFG is the null text training dropped to."""
@@ -396,8 +424,9 @@ class Stage(L.LightningModule):
         text, mask = self.text(batch)
         controls = {self.modality: self.latents(batch, "control")} if self.modality and use_control else {}
         null, null_mask = self.null_text(text, mask)
-        cond = Cond(text=text, text_mask=mask, neg_text=null, neg_text_mask=null_mask, controls=controls,
-                    fps=self.fps(batch))
+        cond = Cond(
+            text=text, text_mask=mask, neg_text=null, neg_text_mask=null_mask, controls=controls, fps=self.fps(batch)
+        )
         g = torch.Generator(device=x0.device).manual_seed(seed + 7919 * self.data_rank()[0])
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         latents = Generator(self.trained_model()).sample(cond, noise, sampler, generator=g)
@@ -443,9 +472,10 @@ def load_weights(model: Denoiser, path: str | Path) -> None:
         if not any(k.startswith(f"controls.{name}.") for k in state):
             for i in range(len(branch.blocks)):
                 for k in [k for k in state if k.startswith(f"net.blocks.{i}.")]:
-                    state[f"controls.{name}.blocks.{i}." + k[len(f"net.blocks.{i}."):]] = state[k]
-    missing = sorted(k for k in expected - set(state)
-                     if not any(part in k for part in (".embed.", ".before_proj.", ".after_proj.")))
+                    state[f"controls.{name}.blocks.{i}." + k[len(f"net.blocks.{i}.") :]] = state[k]
+    missing = sorted(
+        k for k in expected - set(state) if not any(part in k for part in (".embed.", ".before_proj.", ".after_proj."))
+    )
     unexpected = sorted(k for k in set(state) - expected if not k.startswith("controls."))
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the network: missing {missing}, unexpected {unexpected}")

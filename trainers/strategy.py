@@ -21,9 +21,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    def __init__(self, data_parallel_size: int | str = "world", tensor_parallel_size: int = 1,
-                 save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
-                 context_parallel_size: int = 1):
+    def __init__(
+        self,
+        data_parallel_size: int | str = "world",
+        tensor_parallel_size: int = 1,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        context_parallel_size: int = 1,
+    ):
         """
         Args:
             data_parallel_size: "world" (world / context_parallel_size data-parallel groups) or an explicit size.
@@ -36,9 +41,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         """
         if context_parallel_size < 1:
             raise ValueError(f"context_parallel_size must be >= 1, got {context_parallel_size}")
-        super().__init__(data_parallel_size=1, tensor_parallel_size=tensor_parallel_size,
-                         save_distributed_checkpoint=save_distributed_checkpoint,
-                         process_group_backend=process_group_backend)
+        super().__init__(
+            data_parallel_size=1,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+        )
         self._requested_dp = data_parallel_size
         self.context_parallel_size = context_parallel_size
 
@@ -46,12 +54,16 @@ class FSDP2Strategy(ModelParallelStrategy):
         world = self.num_nodes * self.num_processes
         tp, cp = self._tensor_parallel_size, self.context_parallel_size
         if world % (tp * cp):
-            raise ValueError(f"context_parallel_size {cp} x tensor_parallel_size {tp} does not divide the world "
-                             f"size {world} ({self.num_nodes} nodes x {self.num_processes} devices)")
+            raise ValueError(
+                f"context_parallel_size {cp} x tensor_parallel_size {tp} does not divide the world "
+                f"size {world} ({self.num_nodes} nodes x {self.num_processes} devices)"
+            )
         dp = world // (tp * cp) if self._requested_dp == "world" else int(self._requested_dp)
         if dp * cp * tp != world:
-            raise ValueError(f"data_parallel_size {dp} x context_parallel_size {cp} x tensor_parallel_size {tp} "
-                             f"!= world size {world} ({self.num_nodes} nodes x {self.num_processes} devices)")
+            raise ValueError(
+                f"data_parallel_size {dp} x context_parallel_size {cp} x tensor_parallel_size {tp} "
+                f"!= world size {world} ({self.num_nodes} nodes x {self.num_processes} devices)"
+            )
         # Lightning builds its (data_parallel, tensor_parallel) mesh over dp x cp ...
         self._data_parallel_size = dp * cp
         super().setup_environment()
@@ -64,8 +76,9 @@ class FSDP2Strategy(ModelParallelStrategy):
 def context_mesh(device_type: str, dp: int, cp: int, tp: int = 1) -> DeviceMesh:
     """The (data_parallel, context_parallel, tensor_parallel) mesh with data x context flattened
     into `dp_cp` (what networks are sharded over). Every rank must call it."""
-    mesh = init_device_mesh(device_type, (dp, cp, tp),
-                            mesh_dim_names=("data_parallel", "context_parallel", "tensor_parallel"))
+    mesh = init_device_mesh(
+        device_type, (dp, cp, tp), mesh_dim_names=("data_parallel", "context_parallel", "tensor_parallel")
+    )
     mesh["data_parallel", "context_parallel"]._flatten("dp_cp")
     return mesh
 

@@ -6,6 +6,15 @@ from .dit import DiT, DiTConfig, forward_flops
 from .presets import PRESETS, NetConfig, preset
 
 __all__ = [
-    "attention", "set_backend", "ControlBranch", "ControlConfig", "mix_residuals",
-    "DiT", "DiTConfig", "forward_flops", "PRESETS", "NetConfig", "preset",
+    "attention",
+    "set_backend",
+    "ControlBranch",
+    "ControlConfig",
+    "mix_residuals",
+    "DiT",
+    "DiTConfig",
+    "forward_flops",
+    "PRESETS",
+    "NetConfig",
+    "preset",
 ]

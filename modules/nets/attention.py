@@ -29,8 +29,9 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              shard=None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, shard=None
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, S, H, D) tensors; `mask` is a bool (B, Sk) key mask (True = attend).
 
     `shard` (a modules.nets.context.Shard, self-attention only): q, k, v hold this rank's S/cp

@@ -107,7 +107,7 @@ class Shard:
     """(1, size * frames * tokens_per_frame) bool, False on padded tokens; None without padding."""
 
     @classmethod
-    def plan(cls, group, grid: tuple[int, int, int], device) -> "Shard":
+    def plan(cls, group, grid: tuple[int, int, int], device) -> Shard:
         """The split of a (T', H', W') token grid over `group`: ceil(T' / size) frames per rank."""
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         nt, nh, nw = grid
@@ -140,9 +140,9 @@ class Shard:
         """Tokens along `dim` viewed as (frames, tokens per frame), this rank's frames kept."""
         per = x.shape[dim] // self.grid_frames
         shape = list(x.shape)
-        framed = x.reshape(*shape[:dim], self.grid_frames, per, *shape[dim + 1:])
+        framed = x.reshape(*shape[:dim], self.grid_frames, per, *shape[dim + 1 :])
         local = self.local_frames(framed, dim)
-        return local.reshape(*shape[:dim], self.frames * per, *shape[dim + 1:])
+        return local.reshape(*shape[:dim], self.frames * per, *shape[dim + 1 :])
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         """All ranks' tokens (B, S, ...), padding dropped (differentiable; see the module doc)."""
@@ -151,13 +151,16 @@ class Shard:
         return full[:, : self.grid_frames * per]
 
 
-def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                      shard: Shard, attend) -> torch.Tensor:
+def ulysses_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, shard: Shard, attend
+) -> torch.Tensor:
     """Self-attention over the whole sequence of (B, S/cp, H, D) shards: all-to-all to all
     tokens of H/cp heads, `attend` (the local SDPA) with the padding key mask, all-to-all back.
     H must divide by cp (`check_heads`, run when a network gets its group)."""
     if mask is not None:
-        raise ValueError("a key mask on context-parallel self-attention is not supported (padding is masked by the shard)")
+        raise ValueError(
+            "a key mask on context-parallel self-attention is not supported (padding is masked by the shard)"
+        )
     q, k, v = (_AllToAll.apply(t, shard.group, True) for t in (q, k, v))
     out = attend(q, k, v, shard.key_mask)
     return _AllToAll.apply(out, shard.group, False)
@@ -167,6 +170,7 @@ def check_heads(heads: int, group) -> None:
     """Ulysses needs whole heads per rank: refuse a context-parallel size that does not divide them."""
     size = dist.get_world_size(group)
     if heads % size:
-        raise ValueError(f"context parallel size {size} must divide the number of attention heads ({heads}); "
-                         f"choose one of {[n for n in range(1, heads + 1) if heads % n == 0]}")
-
+        raise ValueError(
+            f"context parallel size {size} must divide the number of attention heads ({heads}); "
+            f"choose one of {[n for n in range(1, heads + 1) if heads % n == 0]}"
+        )

@@ -80,7 +80,9 @@ def pool_weight(weight: float | torch.Tensor, grid: tuple[int, int, int], batch:
 
 
 def mix_residuals(
-    residuals: list[list[torch.Tensor]], weights: list[float | torch.Tensor], grid: tuple[int, int, int],
+    residuals: list[list[torch.Tensor]],
+    weights: list[float | torch.Tensor],
+    grid: tuple[int, int, int],
     local=None,
 ) -> list[torch.Tensor]:
     """Per-injection residual sum_i w_i r_i, w_i = control_weight_i * mask_i pooled to the token

@@ -109,7 +109,9 @@ def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def rope_tables(cfg: DiTConfig, grid: tuple[int, int, int], fps: float | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    cfg: DiTConfig, grid: tuple[int, int, int], fps: float | None, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (S, head_dim) of the 3D rotary embedding (Su et al. 2021, eq. 34, per axis).
 
     The head dimension is split into t/h/w bands (h and w get 2*floor(hd/6) each, t the rest); each
@@ -225,8 +227,12 @@ class MLP(nn.Module):
 # The fused attention kernels SDPA dispatches to (the CPU one exists only on some builds).
 _ATTENTION_OPS = {
     getattr(torch.ops.aten, name).default
-    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
-                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
     if hasattr(torch.ops.aten, name)
 }
 # Ops whose outputs selective checkpointing keeps: matmuls and attention are the costly ones to
@@ -278,11 +284,12 @@ def checkpoint_plan(mode: str | bool, n_blocks: int) -> list[bool | str]:
         n = min(int(parts[1]), n_blocks)
         rest = flag[rest]
         return [True] * n + [rest] * (n_blocks - n)
-    raise ValueError(f"unknown checkpointing mode {mode!r}: choose none, full, selective, attention, partial:N "
-                     "or partial:N:REST")
+    raise ValueError(
+        f"unknown checkpointing mode {mode!r}: choose none, full, selective, attention, partial:N or partial:N:REST"
+    )
 
 
-def _run_block(block: "Block", x: torch.Tensor, s: State) -> torch.Tensor:
+def _run_block(block: Block, x: torch.Tensor, s: State) -> torch.Tensor:
     if block.checkpoint and torch.is_grad_enabled():
         context = {"selective": _selective_context, "attention": _attention_context}.get(block.checkpoint)
         if context is not None:

@@ -66,7 +66,7 @@ class GANHead(nn.Module):
         return sum(tap(h) for tap, h in zip(self.taps, feats))
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> "GANHead":
+    def init_weights(self, seed: int = 0) -> GANHead:
         """Seeded init: linears N(0, 0.02), zero biases, unit norms (as the DiT's, see Denoiser)."""
         from modules.denoiser import _assign  # one DTensor-aware copy for every network
 

@@ -35,7 +35,7 @@ class NetConfig:
             raise ValueError(f"prediction must be velocity or x0, got {self.prediction!r}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NetConfig":
+    def from_dict(cls, d: dict) -> NetConfig:
         return cls(
             dit=DiTConfig(**d.get("dit", {})),
             control=ControlConfig(**d.get("control", {})),

@@ -54,9 +54,12 @@ def main(out_dir: str) -> None:
     # and cache state would otherwise exceed torch's default of 8 per function
     torch._dynamo.config.recompile_limit = 64
     rows, profiles, ref = [], [], None
-    for name, kw in [("default", {}), ("channels_last_3d", dict(channels_last=True)),
-                     ("channels_last_3d+compile", dict(channels_last=True, compile=True)),
-                     ("compile", dict(compile=True))]:
+    for name, kw in [
+        ("default", {}),
+        ("channels_last_3d", dict(channels_last=True)),
+        ("channels_last_3d+compile", dict(channels_last=True, compile=True)),
+        ("compile", dict(compile=True)),
+    ]:
         torch._dynamo.reset()
         try:
             fn = variant(**kw)
@@ -67,15 +70,21 @@ def main(out_dir: str) -> None:
             y = y.float()
             ref = y if ref is None else ref
             d = y - ref
-            row = dict(name=name, first_s=round(first, 2), s=round(s, 3),
-                       peak_GiB=None if SMALL else round(torch.cuda.max_memory_allocated() / 2**30, 1),
-                       max_abs=float(d.abs().max()), rel_l2=float(d.norm() / ref.norm()))
+            row = dict(
+                name=name,
+                first_s=round(first, 2),
+                s=round(s, 3),
+                peak_GiB=None if SMALL else round(torch.cuda.max_memory_allocated() / 2**30, 1),
+                max_abs=float(d.abs().max()),
+                rel_l2=float(d.norm() / ref.norm()),
+            )
             if name in ("default", "channels_last_3d"):
                 with profile(activities=[ProfilerActivity.CPU if SMALL else ProfilerActivity.CUDA]) as p:
                     seconds(fn)
                 key = "self_cpu_time_total" if SMALL else "self_cuda_time_total"
-                profiles.append(f"== {name}\n" + p.key_averages().table(sort_by=key, row_limit=14,
-                                                                        max_name_column_width=70))
+                profiles.append(
+                    f"== {name}\n" + p.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=70)
+                )
             del y
         except Exception as e:  # one failing variant must not lose the others
             row = dict(name=name, error=f"{type(e).__name__}: {e}"[:500])

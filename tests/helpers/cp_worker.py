@@ -17,7 +17,6 @@ from modules.nets.context import check_heads
 from trainers.fsdp import ShardingConfig, set_checkpointing, shard_model
 from trainers.strategy import context_group, context_mesh, shard_mesh
 
-
 ARGS = argparse.Namespace(device="cpu", dtype=torch.float32, hw=(4, 4), text_dim=32, channels=16)
 
 
@@ -25,18 +24,27 @@ def inputs(frames: int, seed: int = 0):
     """Two samples on a (frames, h/2, w/2) token grid with every conditioning input the stages use."""
     g = torch.Generator().manual_seed(seed)
     C, (h, w), dev, dt = ARGS.channels, ARGS.hw, ARGS.device, ARGS.dtype
-    r = lambda *s: torch.randn(*s, generator=g).to(dev, dt)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(dev, dt)
+
     x = r(2, C, frames, h, w).requires_grad_(True)
     mask = torch.ones(2, 6, dtype=torch.bool, device=dev)
     mask[1, 4:] = False
     cond_frames = torch.zeros(2, frames, device=dev)
     cond_frames[0, 0] = 1
     pad = torch.zeros(1, 1, 4 * h, 4 * w, device=dev)
-    pad[..., :, 3 * w:] = 1
-    cond = Cond(text=r(2, 6, ARGS.text_dim), text_mask=mask,
-                controls={"edge": r(2, C, frames, h, w), "blur": r(2, C // 2, frames, h, w)},
-                control_weights={"edge": 0.7, "blur": torch.rand(2, 1, frames, 2 * h, 2 * w, generator=g).to(dev)},
-                cond_latents=r(2, C, frames, h, w), cond_frames=cond_frames, fps=16.0, padding_mask=pad)
+    pad[..., :, 3 * w :] = 1
+    cond = Cond(
+        text=r(2, 6, ARGS.text_dim),
+        text_mask=mask,
+        controls={"edge": r(2, C, frames, h, w), "blur": r(2, C // 2, frames, h, w)},
+        control_weights={"edge": 0.7, "blur": torch.rand(2, 1, frames, 2 * h, 2 * w, generator=g).to(dev)},
+        cond_latents=r(2, C, frames, h, w),
+        cond_frames=cond_frames,
+        fps=16.0,
+        padding_mask=pad,
+    )
     return x, torch.tensor([0.3, 0.8], device=dev), cond, r(2, C, frames, h, w)
 
 
@@ -73,10 +81,17 @@ def compare(ref, got, summed_input: torch.Tensor) -> dict:
     out, feats, grads, _ = got
     rout, rfeats, rgrads, rx = ref
     assert set(grads) == set(rgrads), sorted(set(grads) ^ set(rgrads))
-    flat = lambda g: torch.cat([g[k].float().flatten() for k in sorted(rgrads)])
-    return {"out": diff(out, rout), "features": diff(feats, rfeats),
-            "grads": max(diff(grads[k], rgrads[k]) for k in rgrads), "grads_all": diff(flat(grads), flat(rgrads)),
-            "input_grad": diff(summed_input, rx)}
+
+    def flat(g):
+        return torch.cat([g[k].float().flatten() for k in sorted(rgrads)])
+
+    return {
+        "out": diff(out, rout),
+        "features": diff(feats, rfeats),
+        "grads": max(diff(grads[k], rgrads[k]) for k in rgrads),
+        "grads_all": diff(flat(grads), flat(rgrads)),
+        "input_grad": diff(summed_input, rx),
+    }
 
 
 def main():
@@ -105,7 +120,11 @@ def check(out: str, preset_name: str = "tiny", device: str = "cpu", hw: str = "4
     world = dist.get_world_size()
     cfg = preset(preset_name, text_proj_in=None)
     cfg.modalities = ["edge", "blur"]
-    ARGS.hw, ARGS.text_dim, ARGS.channels = tuple(int(v) for v in hw.split("x")), cfg.dit.text_dim, cfg.dit.latent_channels
+    ARGS.hw, ARGS.text_dim, ARGS.channels = (
+        tuple(int(v) for v in hw.split("x")),
+        cfg.dit.text_dim,
+        cfg.dit.latent_channels,
+    )
     model = Denoiser.build(cfg, seed=0, device=ARGS.device, dtype=ARGS.dtype)
     with torch.no_grad():  # non-zero control projections, so the control paths carry gradient
         g = torch.Generator().manual_seed(3)
@@ -143,8 +162,11 @@ def check(out: str, preset_name: str = "tiny", device: str = "cpu", hw: str = "4
     mesh = context_mesh(torch.device(ARGS.device).type, 1, world)
     with torch.device("meta"):
         sharded = Denoiser(cfg)
-    shard_model(sharded, shard_mesh(mesh), ShardingConfig(param_dtype="bfloat16" if cuda else "none", reduce_dtype="float32",
-                                                          checkpointing="attention"))
+    shard_model(
+        sharded,
+        shard_mesh(mesh),
+        ShardingConfig(param_dtype="bfloat16" if cuda else "none", reduce_dtype="float32", checkpointing="attention"),
+    )
     sharded.to_empty(device=ARGS.device)
     set_model_state_dict(sharded, model.state_dict(), options=StateDictOptions(full_state_dict=True))
     sharded.set_context_parallel(context_group(mesh))

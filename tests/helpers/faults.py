@@ -71,8 +71,11 @@ class Faults(L.Callback):
                 if trainer.global_step >= self.kill_in_save:
                     self.kill_nth -= 1
                 if trainer.global_step >= self.kill_in_save and self.kill_nth == 0:
-                    print(f"FAULT: SIGKILL inside the checkpoint save at step {trainer.global_step} "
-                          f"(data files written, no .metadata) in {writer.path}", flush=True)
+                    print(
+                        f"FAULT: SIGKILL inside the checkpoint save at step {trainer.global_step} "
+                        f"(data files written, no .metadata) in {writer.path}",
+                        flush=True,
+                    )
                     _kill()
                 return finish(writer, *args, **kwargs)
 
@@ -120,12 +123,18 @@ class Faults(L.Callback):
         if not self.record:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        row = {"step": trainer.global_step, "batch_idx": batch_idx, "loss": float(loss),
-               "skipped": bool(getattr(pl_module, "_skipped_step", False)),
-               "nonfinite_total": getattr(pl_module, "nonfinite_total", 0),
-               "digest": digest(pl_module.trained_model()),
-               "finite": all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
-                             for p in pl_module.parameters())}
+        row = {
+            "step": trainer.global_step,
+            "batch_idx": batch_idx,
+            "loss": float(loss),
+            "skipped": bool(getattr(pl_module, "_skipped_step", False)),
+            "nonfinite_total": getattr(pl_module, "nonfinite_total", 0),
+            "digest": digest(pl_module.trained_model()),
+            "finite": all(
+                bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+                for p in pl_module.parameters()
+            ),
+        }
         metric = trainer.callback_metrics.get("train/nonfinite_skipped")
         row["metric_nonfinite"] = None if metric is None else float(metric)
         with open(f"{self.record}.rank{trainer.global_rank}", "a") as f:

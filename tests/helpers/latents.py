@@ -9,9 +9,13 @@ LATENT = (48, 3, 4, 4)  # pixel tokenizer (spatial 4) latents of a 3-frame 16x16
 
 def sample(i: int) -> dict:
     g = torch.Generator().manual_seed(1000 + i)
-    return {"latent": torch.randn(*LATENT, generator=g), "control_latent": torch.randn(*LATENT, generator=g),
-            "text_emb": torch.randn(6, 32, generator=g), "text_mask": torch.ones(6, dtype=torch.bool),
-            "fps": torch.tensor(24.0)}
+    return {
+        "latent": torch.randn(*LATENT, generator=g),
+        "control_latent": torch.randn(*LATENT, generator=g),
+        "text_emb": torch.randn(6, 32, generator=g),
+        "text_mask": torch.ones(6, dtype=torch.bool),
+        "fps": torch.tensor(24.0),
+    }
 
 
 class RankSlice(Dataset):

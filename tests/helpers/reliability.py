@@ -22,8 +22,17 @@ def video_shards(folder: Path, samples: int = 8, per_shard: int = 4) -> str:
     """Synthetic clips with captions (controls are computed on the fly)."""
     from datamodules.synthetic import write_synthetic_shards
 
-    write_synthetic_shards(str(folder), num_samples=samples, samples_per_shard=per_shard, num_frames=FRAMES,
-                           height=SIZE, width=SIZE, controls=(), progress=False, floors=("plain",))  # fmt: skip
+    write_synthetic_shards(
+        str(folder),
+        num_samples=samples,
+        samples_per_shard=per_shard,
+        num_frames=FRAMES,
+        height=SIZE,
+        width=SIZE,
+        controls=(),
+        progress=False,
+        floors=("plain",),
+    )
     return str(folder)
 
 
@@ -56,53 +65,117 @@ def kd_shards(folder: Path, samples: int = 8, per_shard: int = 4) -> str:
     for s in range(samples // per_shard):
         with wds.TarWriter(str(folder / f"kd-{s:06d}.tar")) as tw:
             for j in range(per_shard):
-                kd = {"noise": torch.randn(*lat, generator=g), "x0": torch.randn(*lat, generator=g), "t": times,
-                      "control.edge": torch.randint(0, 256, (3, FRAMES, SIZE, SIZE), generator=g, dtype=torch.uint8)}
+                kd = {
+                    "noise": torch.randn(*lat, generator=g),
+                    "x0": torch.randn(*lat, generator=g),
+                    "t": times,
+                    "control.edge": torch.randint(0, 256, (3, FRAMES, SIZE, SIZE), generator=g, dtype=torch.uint8),
+                }
                 kd["states"] = torch.stack([kd["noise"]] + [torch.randn(*lat, generator=g) for _ in range(3)])
                 text = {"emb": torch.randn(6, 32, generator=g), "mask": torch.ones(6, dtype=torch.uint8)}
-                tw.write({"__key__": f"kd{s}_{j}", "kd.safetensors": save(kd), "text.safetensors": save(text),
-                          "json": json.dumps({"caption": "a clip", "fps": 8.0}).encode()})
+                tw.write(
+                    {
+                        "__key__": f"kd{s}_{j}",
+                        "kd.safetensors": save(kd),
+                        "text.safetensors": save(text),
+                        "json": json.dumps({"caption": "a clip", "fps": 8.0}).encode(),
+                    }
+                )
     return str(folder)
 
 
-def recipe(stage: str, root: Path, data: str, teacher_dir: str | None = None, steps: int = 6, every: int = 2,
-           devices: int = 1, model: dict | None = None, datamodule: dict | None = None,
-           trainer: dict | None = None) -> Path:
+def recipe(
+    stage: str,
+    root: Path,
+    data: str,
+    teacher_dir: str | None = None,
+    steps: int = 6,
+    every: int = 2,
+    devices: int = 1,
+    model: dict | None = None,
+    datamodule: dict | None = None,
+    trainer: dict | None = None,
+) -> Path:
     """Write `root/recipe.yaml` for `stage` (control, kd or dmd2): `steps` optimizer steps,
     an (atomic, via the CLI) checkpoint every `every` steps plus last, losses recorded by Faults."""
     root.mkdir(parents=True, exist_ok=True)
     common = {"tokenizer": PIXEL, "sharding": FP32, "seed": 0, "export_to": str(root / "export")}
     models = {
-        "control": {"class_path": "modules.control.ControlTraining",
-                    "init_args": dict(common, modality="edge", text={"encoder": "tiny", "max_length": 16},
-                                      optim={"lr": 1e-3, "warmup_steps": 1}, ema_decay=0.9)},
-        "kd": {"class_path": "modules.kd.KDWarmup",
-               "init_args": dict(common, student={"init_from": teacher_dir}, modality="edge",
-                                 text={"encoder": "none"}, optim={"lr": 1e-3, "warmup_steps": 1})},
-        "dmd2": {"class_path": "modules.dmd2.DMD2",
-                 "init_args": dict(common, teacher={"init_from": teacher_dir}, modality="edge", guidance=1.0,
-                                   student_update_freq=3, text={"encoder": "tiny", "max_length": 16},
-                                   gan={"weight": 0.1, "critic_weight": 0.1, "taps": [1], "hidden": 16},
-                                   student_optim={"lr": 1e-3, "warmup_steps": 1},
-                                   critic_optim={"lr": 1e-3, "warmup_steps": 1}, ema_decay=0.9)},
+        "control": {
+            "class_path": "modules.control.ControlTraining",
+            "init_args": dict(
+                common,
+                modality="edge",
+                text={"encoder": "tiny", "max_length": 16},
+                optim={"lr": 1e-3, "warmup_steps": 1},
+                ema_decay=0.9,
+            ),
+        },
+        "kd": {
+            "class_path": "modules.kd.KDWarmup",
+            "init_args": dict(
+                common,
+                student={"init_from": teacher_dir},
+                modality="edge",
+                text={"encoder": "none"},
+                optim={"lr": 1e-3, "warmup_steps": 1},
+            ),
+        },
+        "dmd2": {
+            "class_path": "modules.dmd2.DMD2",
+            "init_args": dict(
+                common,
+                teacher={"init_from": teacher_dir},
+                modality="edge",
+                guidance=1.0,
+                student_update_freq=3,
+                text={"encoder": "tiny", "max_length": 16},
+                gan={"weight": 0.1, "critic_weight": 0.1, "taps": [1], "hidden": 16},
+                student_optim={"lr": 1e-3, "warmup_steps": 1},
+                critic_optim={"lr": 1e-3, "warmup_steps": 1},
+                ema_decay=0.9,
+            ),
+        },
     }
     m = models[stage]
     m["init_args"].update(model or {})
-    dm = {"train_shards": data, "batch_size": 2, "num_workers": 0, "num_frames": FRAMES, "height": SIZE,
-          "width": SIZE, "modality": "edge", "batches_per_epoch": 3, "seed": 0}
+    dm = {
+        "train_shards": data,
+        "batch_size": 2,
+        "num_workers": 0,
+        "num_frames": FRAMES,
+        "height": SIZE,
+        "width": SIZE,
+        "modality": "edge",
+        "batches_per_epoch": 3,
+        "seed": 0,
+    }
     if stage == "kd":
         dm.update(use_kd=True, use_text_embeddings=True)
     dm.update(datamodule or {})
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": devices, "max_steps": steps, "limit_val_batches": 0,
-            "num_sanity_val_steps": 0, "logger": False, "enable_progress_bar": False,
-            "enable_model_summary": False, "deterministic": True, "default_root_dir": str(root),
+            "accelerator": "cpu",
+            "devices": devices,
+            "max_steps": steps,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "deterministic": True,
+            "default_root_dir": str(root),
             "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": every, "save_top_k": -1,
-                               "save_last": True}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(root / "ckpt"),
+                        "every_n_train_steps": every,
+                        "save_top_k": -1,
+                        "save_last": True,
+                    },
+                },
                 {"class_path": "tests.helpers.faults.Faults", "init_args": {"record": str(root / "losses.jsonl")}},
             ],
         },
@@ -115,8 +188,7 @@ def recipe(stage: str, root: Path, data: str, teacher_dir: str | None = None, st
     return path
 
 
-def fit(config: Path, *args: str, nproc: int = 1, env: dict | None = None, timeout: int = 300,
-        popen: bool = False):
+def fit(config: Path, *args: str, nproc: int = 1, env: dict | None = None, timeout: int = 300, popen: bool = False):
     """Run `vidistill fit --config CONFIG ARGS` in a subprocess (torchrun for nproc > 1)."""
     cli = ["-m", "tools.cli", "fit", "--config", str(config), *args]
     if nproc > 1:
@@ -125,8 +197,9 @@ def fit(config: Path, *args: str, nproc: int = 1, env: dict | None = None, timeo
         cmd = [sys.executable, *cli]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -174,8 +174,9 @@ def train_teacher(steps: int = 3000, batch: int = 1024, lr: float = 2e-3, seed: 
     return net.eval()
 
 
-def train_kd(teacher: ToyNet, steps: int = 200, pairs: int = 20_000, batch: int = 1024, lr: float = 1e-3,
-             seed: int = 0) -> ToyNet:
+def train_kd(
+    teacher: ToyNet, steps: int = 200, pairs: int = 20_000, batch: int = 1024, lr: float = 1e-3, seed: int = 0
+) -> ToyNet:
     """1-step KD warmup: the student (from the teacher's weights) maps noise at t = 1 to the
     teacher's 35-step sample from that noise, with distill.kd_loss.
 
@@ -229,8 +230,9 @@ def _adam_steps(opt: torch.optim.Optimizer) -> int:
     return int(state["step"]) if state else 0
 
 
-def train_dmd2(student: ToyNet, teacher: ToyNet, cfg: DMD2Config,
-               on_turn: Callable[[int, ToyNet], None] | None = None) -> DMD2Result:
+def train_dmd2(
+    student: ToyNet, teacher: ToyNet, cfg: DMD2Config, on_turn: Callable[[int, ToyNet], None] | None = None
+) -> DMD2Result:
     """DMD2 from a (KD) student: fake score from the teacher's weights, a GAN head on the fake
     score's or the teacher's middle features, real data noised for the discriminator. Every
     turn is one global step and steps exactly one side (distill.student_turn)."""
@@ -270,8 +272,9 @@ def train_dmd2(student: ToyNet, teacher: ToyNet, cfg: DMD2Config,
             x0_data = sample_data(B, g)
             t_data = distill.critic_times(B, generator=g)
             eps_data = torch.randn(B, 2, generator=g)
-            loss, _ = distill.critic_turn_loss(x0_gen, t, eps, fake, disc, x0_data, t_data, eps_data,
-                                               disc_weight=cfg.disc_weight)
+            loss, _ = distill.critic_turn_loss(
+                x0_gen, t, eps, fake, disc, x0_data, t_data, eps_data, disc_weight=cfg.disc_weight
+            )
             opt_critic.zero_grad(set_to_none=True)
             loss.mean().backward()
             opt_critic.step()

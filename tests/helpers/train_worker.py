@@ -43,8 +43,11 @@ def main():
     p.add_argument("--accelerator", default="cpu", help="cpu (gloo) or gpu (nccl)")
     p.add_argument("--clip", type=float, default=None, help="gradient_clip_val (global norm)")
     p.add_argument("--cp", type=int, default=1, help="context_parallel_size (FSDP2Strategy)")
-    p.add_argument("--cp_check", default=None,
-                   help="first compare the split network with the whole one (tests.helpers.cp_worker) into this file")
+    p.add_argument(
+        "--cp_check",
+        default=None,
+        help="first compare the split network with the whole one (tests.helpers.cp_worker) into this file",
+    )
     a = p.parse_args()
 
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
@@ -54,10 +57,13 @@ def main():
 
         dist.init_process_group("gloo")
         check(a.cp_check)
-    module = ControlTraining(net=NetSpec("tiny"), modality="edge", text=TextSpec(encoder="none"),
-                             optim=OptimSpec(lr=1e-3, warmup_steps=1),
-                             sharding=ShardingConfig(param_dtype="none", reduce_dtype="float32",
-                                                     checkpointing=a.checkpointing))
+    module = ControlTraining(
+        net=NetSpec("tiny"),
+        modality="edge",
+        text=TextSpec(encoder="none"),
+        optim=OptimSpec(lr=1e-3, warmup_steps=1),
+        sharding=ShardingConfig(param_dtype="none", reduce_dtype="float32", checkpointing=a.checkpointing),
+    )
     rec = Record()
     callbacks = [rec]
     if a.ckpt_dir:
@@ -68,11 +74,21 @@ def main():
         strategy = FSDP2Strategy(context_parallel_size=a.cp)
     else:
         strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
-    trainer = L.Trainer(accelerator=a.accelerator, devices=world, num_nodes=1, max_steps=a.steps,
-                        strategy=strategy,
-                        accumulate_grad_batches=a.micro, gradient_clip_val=a.clip, use_distributed_sampler=False, logger=False,
-                        enable_checkpointing=bool(a.ckpt_dir), enable_progress_bar=False, callbacks=callbacks,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator=a.accelerator,
+        devices=world,
+        num_nodes=1,
+        max_steps=a.steps,
+        strategy=strategy,
+        accumulate_grad_batches=a.micro,
+        gradient_clip_val=a.clip,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=bool(a.ckpt_dir),
+        enable_progress_bar=False,
+        callbacks=callbacks,
+        enable_model_summary=False,
+    )
     epoch_steps = a.epoch_steps or a.steps
     # the ranks of one context-parallel group (consecutive ranks) read the same batches
     data = loader(epoch_steps, a.global_batch, rank // a.cp, world // a.cp, a.micro)

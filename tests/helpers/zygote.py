@@ -54,14 +54,24 @@ class Zygote:
 
     def __init__(self):
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.zygote"], cwd=ROOT, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.helpers.zygote"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout.readline().strip() == "ready"
 
     def start(self, argv: list[str], log: str | Path, env: dict | None = None) -> Run:
         Path(f"{log}.rc").unlink(missing_ok=True)
-        self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "log": str(log),
-                                          "env": {k: str(v) for k, v in (env or {}).items()}}) + "\n")
+        self.proc.stdin.write(
+            json.dumps(
+                {"argv": [str(a) for a in argv], "log": str(log), "env": {k: str(v) for k, v in (env or {}).items()}}
+            )
+            + "\n"
+        )
         self.proc.stdin.flush()
         return Run(int(self.proc.stdout.readline()), Path(log))
 
