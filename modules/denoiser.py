@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .nets.control import ControlBranch, mix_residuals
-from .nets.dit import DiT, RMSNorm
+from .nets.control_branch import ControlBranch, mix_residuals
+from .nets.dit import DiT
+from .nets.init import seeded_init
 from .nets.presets import NetConfig
 
 
@@ -54,14 +54,6 @@ class Cond:
 def _frames_t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample (B,) or per-frame (B, T) times shaped to broadcast against x (B, C, T, H, W)."""
     return (t.view(-1, 1, 1, 1, 1) if t.ndim == 1 else t[:, None, :, None, None]).to(x.dtype)
-
-
-def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full tensor into a parameter; a sharded (FSDP2) one takes only its own shard, cut
-    locally (every rank drew the same numbers, so nothing needs to be sent)."""
-    if isinstance(param, DTensor):
-        full = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
-    param.copy_(full)
 
 
 class Denoiser(nn.Module):
@@ -152,25 +144,10 @@ class Denoiser(nn.Module):
 
     # --- building and checkpoints -------------------------------------------------------------
 
-    @torch.no_grad()
     def init_weights(self, seed: int = 0) -> Denoiser:
-        """Deterministic init from `seed`: for one device type the weights depend only on the seed and
-        the config, so a meta-device build materialised with `to_empty` equals an eager build.
-        Random numbers are drawn on the parameters' device (a 2B init on CPU takes minutes)."""
-        first = next(self.parameters())
-        device = first.to_local().device if isinstance(first, DTensor) else first.device
-        gen = torch.Generator(device=device).manual_seed(seed)
-        for mod in self.modules():
-            if isinstance(mod, nn.Linear):
-                if getattr(mod, "zero_init", False):
-                    mod.weight.zero_()
-                else:
-                    w = torch.randn(mod.weight.shape, generator=gen, device=device, dtype=torch.float32)
-                    _assign(mod.weight, w.mul_(0.02))
-                if mod.bias is not None:
-                    mod.bias.zero_()
-            elif isinstance(mod, RMSNorm):
-                mod.weight.fill_(1.0)
+        """Deterministic init from `seed` (`nets.init.seeded_init`): a meta-device build
+        materialised with `to_empty` equals an eager build."""
+        seeded_init(self, seed)
         return self
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Inference pipeline: Transfer2.5-style specs (modules/spec.py) -> videos, on the Generator.
+"""Inference pipeline: Transfer2.5-style specs (modules/spec.py) -> videos, on the Sampler.
 
 One spec runs in phases, each on the component it needs, so offloading and two-GPU placement can
 move components between phases:
@@ -18,10 +18,9 @@ trip; for a causal VAE these are not the same numbers, and the quality effect is
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -31,56 +30,15 @@ import torch
 from datamodules.codec import decode_video, resize_crop
 from datamodules.controls import CONTROL_INTERPOLATION, blur, edge, mask_video
 
-from . import flow
 from .denoiser import Cond, Denoiser
-from .generator import Generator, SamplerConfig, to_uint8, to_unit
+from .sampling import DEFAULT_FPS, GenerationSettings, Sampler, SamplerConfig, to_uint8, to_unit
 from .spec import MODALITY_NAMES, Spec
-
-GENERATION_FILE = "generation.json"
-DEFAULT_FPS = 16.0
 
 # Transfer2.5's generation sizes (height, width) per resolution and aspect ratio
 BUCKETS = {
     "480": {(16, 9): (480, 832), (4, 3): (480, 640), (1, 1): (480, 480), (3, 4): (640, 480), (9, 16): (832, 480)},
     "720": {(16, 9): (704, 1280), (4, 3): (704, 960), (1, 1): (704, 704), (3, 4): (960, 704), (9, 16): (1280, 704)},
 }
-
-
-# --- what a model directory says about generating with it ------------------------------------------
-
-
-@dataclass
-class GenerationSettings:
-    """`generation.json` next to a network's config.json: what inference needs besides weights.
-
-    Written by every stage's export and by consolidate / combine, so `vidistill infer --model DIR`
-    needs no recipe; infer's flags override it (imported Cosmos weights come without one)."""
-
-    tokenizer: dict = field(default_factory=lambda: {"kind": "pixel", "path": None, "options": {"spatial": 4}})
-    """TokenizerSpec fields: kind, path, options."""
-    text: dict = field(default_factory=lambda: {"encoder": "tiny", "max_length": 64})
-    """TextSpec fields: encoder, max_length."""
-    sampler: dict = field(default_factory=lambda: asdict(SamplerConfig()))
-    """SamplerConfig fields: a distilled student has sampler "student" and its t-list."""
-    fps: float = DEFAULT_FPS
-    """Frame rate of videos generated without an input video."""
-
-    @classmethod
-    def load(cls, path: str | Path) -> GenerationSettings | None:
-        file = Path(path) / GENERATION_FILE
-        if not file.is_file():
-            return None
-        data = json.loads(file.read_text())
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-    def save(self, path: str | Path) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / GENERATION_FILE).write_text(json.dumps(asdict(self), indent=2))
-
-    def sampler_config(self) -> SamplerConfig:
-        s = dict(self.sampler)
-        s["t_list"] = tuple(s.get("t_list", flow.STUDENT_T_LIST))
-        return SamplerConfig(**s)
 
 
 def spec_sampler(settings: GenerationSettings, spec: Spec) -> SamplerConfig:
@@ -296,14 +254,14 @@ class Prepared:
 
 
 class Pipeline:
-    """A Generator plus where its parts live; runs the phases of a spec.
+    """A Sampler plus where its parts live; runs the phases of a spec.
 
     `devices` maps component (text_encoder, tokenizer, dit) to the device it computes on;
     components in `offload` wait on the CPU and visit their device only during their phase."""
 
     def __init__(
         self,
-        generator: Generator,
+        generator: Sampler,
         settings: GenerationSettings,
         devices: dict[str, torch.device],
         offload: tuple[str, ...] = (),
@@ -456,8 +414,8 @@ class Pipeline:
         return self.decode(self.denoise(self.prepare(spec)))
 
 
-def build_generator(model: str | Path, settings: GenerationSettings, device="cpu", dtype=torch.float32) -> Generator:
-    """A Generator from a Denoiser directory and the settings' tokenizer and text encoder."""
+def build_sampler(model: str | Path, settings: GenerationSettings, device="cpu", dtype=torch.float32) -> Sampler:
+    """A Sampler from a Denoiser directory and the settings' tokenizer and text encoder."""
     from .text import build_text_encoder
     from .tokenizer import build_tokenizer
 
@@ -470,7 +428,7 @@ def build_generator(model: str | Path, settings: GenerationSettings, device="cpu
             f"{model} takes {denoiser.cfg.dit.latent_channels}-channel latents, the tokenizer "
             f"{tok['kind']} gives {tokenizer.latent_channels}"
         )
-    return Generator(denoiser, tokenizer, text)
+    return Sampler(denoiser, tokenizer, text)
 
 
 # --- two-device placement ------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Videos are ``(B, 3, T, H, W)`` floats in ``[-1, 1]``; latents are ``(B, C, T', H', W')``,
 normalised per channel (zero mean, unit std) where the tokenizer ships statistics.
-Everything downstream (datamodules, losses, samplers, the Generator) only talks to
+Everything downstream (datamodules, losses, samplers, the Sampler) only talks to
 :class:`Tokenizer`, so swapping the embedded ``pixel`` default for a real VAE is a config change.
 
 Frame rules. A *causal* tokenizer with temporal factor ``f`` maps ``T = 1 + f*k`` frames to
@@ -30,6 +30,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from .dtypes import to_dtype
 
 __all__ = [
     "Tokenizer",
@@ -237,16 +239,6 @@ class _NormalisedTokenizer(VideoTokenizer):
         return latents.float() * std + mean
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """Accept ``torch.bfloat16`` or ``"bfloat16"`` (what a YAML recipe can hold)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return value
-
-
 def _module_dtype_device(module: nn.Module, fallback: Tensor) -> tuple[torch.dtype, torch.device]:
     for p in module.parameters():
         if p.is_floating_point():
@@ -308,7 +300,7 @@ class CosmosJITTokenizer(_NormalisedTokenizer):
             warnings.simplefilter("ignore", FutureWarning)
             self.encoder = torch.jit.load(str(files["encoder.jit"]), map_location="cpu")
             self.decoder = torch.jit.load(str(files["decoder.jit"]), map_location="cpu")
-        dtype = _as_dtype(dtype)
+        dtype = to_dtype(dtype, allow_none=True)
         if dtype is not None:
             self.encoder.to(dtype)
             self.decoder.to(dtype)
@@ -374,7 +366,9 @@ class WanTokenizer(_NormalisedTokenizer):
                 raise FileNotFoundError(
                     f"Wan VAE: no config.json in {root} (expected a diffusers AutoencoderKLWan dir)"
                 )
-            vae = AutoencoderKLWan.from_pretrained(str(root), torch_dtype=_as_dtype(dtype), local_files_only=True)
+            vae = AutoencoderKLWan.from_pretrained(
+                str(root), torch_dtype=to_dtype(dtype, allow_none=True), local_files_only=True
+            )
         self.vae = vae
         if tiling:
             self.vae.enable_tiling()

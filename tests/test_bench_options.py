@@ -13,8 +13,8 @@ import torch
 from modules.denoiser import Cond, Denoiser
 from modules.nets import preset
 from modules.nets.dit import checkpoint_plan
+from modules.parallel import ShardingConfig, blocks_in_order, set_compile, shard_model
 from tools.bench import Variant, parse_variants
-from trainers.fsdp import ShardingConfig, blocks_in_order, set_compile, shard_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

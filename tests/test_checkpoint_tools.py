@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from modules.denoiser import Cond, Denoiser
-from modules.generator import Generator, SamplerConfig
+from modules.sampling import Sampler, SamplerConfig
 from tools.cli import main
 from tools.consolidate import Checkpoint, network_config, read_meta
 
@@ -31,16 +31,16 @@ def worker() -> None:
     import runpy
 
     import modules.control
-    from trainers.stage import NetSpec
+    from modules.stages.base import NetSpec
 
     out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--out="))
 
-    class WithEMA(modules.control.ControlTraining):
+    class WithEMA(modules.stages.ControlTraining):
         def __init__(self, **kwargs):
             kwargs["net"] = NetSpec("tiny", overrides=NET)
             super().__init__(ema_decay=EMA_DECAY, export_to=out + ".export", **kwargs)
 
-    modules.control.ControlTraining = WithEMA
+    modules.stages.ControlTraining = WithEMA
     runpy.run_module("tests.helpers.train_worker", run_name="__main__")
 
 
@@ -275,8 +275,8 @@ def test_combine_and_split_round_trip(run, tmp_path):
     cond = Cond(text=text, neg_text=torch.zeros_like(text), controls={"edge": torch.randn(1, 48, 3, 4, 4, generator=g)})
     noise = torch.randn(1, 48, 3, 4, 4, generator=g)
     sampler = SamplerConfig(steps=2, guidance=3.0)
-    expected = Generator(live).sample(cond, noise, sampler)
-    got = Generator(Denoiser.from_pretrained(tmp_path / "joined")).sample(cond, noise, sampler)
+    expected = Sampler(live).sample(cond, noise, sampler)
+    got = Sampler(Denoiser.from_pretrained(tmp_path / "joined")).sample(cond, noise, sampler)
     assert torch.equal(got, expected)
 
 

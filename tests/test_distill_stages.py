@@ -11,12 +11,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from modules.denoiser import Cond, Denoiser
-from modules.dmd2 import DMD2, GANSpec
-from modules.kd import KDWarmup
 from modules.nets import preset
+from modules.parallel import ShardingConfig
+from modules.stages.base import NetSpec, OptimSpec, TextSpec, TokenizerSpec
+from modules.stages.dmd2 import DMD2, GANSpec
+from modules.stages.kd_warmup import KDWarmup
 from tests.helpers.latents import LATENT, loader
-from trainers.fsdp import ShardingConfig
-from trainers.stage import NetSpec, OptimSpec, TextSpec, TokenizerSpec
 
 FP32 = ShardingConfig(param_dtype="none", checkpointing="none")
 NO_IO = dict(tokenizer=TokenizerSpec(kind="none"), text=TextSpec(encoder="none"), sharding=FP32)
@@ -187,7 +187,7 @@ def test_kd_warmup_fits_the_teacher_targets(tmp_path):
     exported = Denoiser.from_pretrained(tmp_path / "student")
     assert set(exported.controls) == {"edge"}
     # generation.json tells infer to sample the student's t-list
-    from modules.pipeline import GenerationSettings
+    from modules.sampling import GenerationSettings
 
     sampler = GenerationSettings.load(tmp_path / "student").sampler_config()
     assert sampler.sampler == "student" and sampler.t_list == tuple(module.sampler.t_list)
@@ -239,7 +239,7 @@ def test_kd_data_reads_back_as_the_teacher_made_it(kd_data):
     from datamodules.controls import compute_control
     from datamodules.video import VideoDataModule
     from modules import flow
-    from modules.generator import Generator, SamplerConfig, to_unit
+    from modules.sampling import Sampler, SamplerConfig, to_unit
     from modules.text import TextEncoder
     from modules.tokenizer import build_tokenizer
 
@@ -284,7 +284,7 @@ def test_kd_data_reads_back_as_the_teacher_made_it(kd_data):
         fps=float(s["fps"][0]),
     )
     seen = {}
-    x0 = Generator(net).sample(
+    x0 = Sampler(net).sample(
         cond,
         b["kd_noise"][:1],
         SamplerConfig(steps=6, guidance=1.0, shift=3.0),

@@ -13,9 +13,9 @@ import torch
 
 from datamodules.codec import decode_video, write_video
 from modules.denoiser import Denoiser
-from modules.generator import SamplerConfig
 from modules.nets import preset
-from modules.pipeline import GenerationSettings, Pipeline, build_generator, placement_slots, run_placed
+from modules.pipeline import Pipeline, build_sampler, placement_slots, run_placed
+from modules.sampling import GenerationSettings, SamplerConfig
 from modules.spec import load_specs
 from tools.cli import main
 
@@ -147,7 +147,7 @@ def test_the_mask_and_weights_change_the_video(model, clips):
     specs, _ = load_specs(_write(clips, MULTICONTROL))
     settings = GenerationSettings.load(model)
     pipe = Pipeline(
-        build_generator(model, settings),
+        build_sampler(model, settings),
         settings,
         {c: torch.device("cpu") for c in ("text_encoder", "tokenizer", "dit")},
     )
@@ -233,7 +233,7 @@ def test_long_video_chunks_and_reused_latents_equal_the_round_trip(model, clips)
     specs, _ = load_specs(long_spec(clips))
     settings = GenerationSettings.load(model)
     cpu = {c: torch.device("cpu") for c in ("text_encoder", "tokenizer", "dit")}
-    gen = build_generator(model, settings)
+    gen = build_sampler(model, settings)
     trip = Pipeline(gen, settings, cpu).run(specs[0])
     reuse = Pipeline(gen, settings, cpu, reuse_latents=True).run(specs[0])
     assert trip.plan.starts == [0, 3, 6] and trip.video.shape == (10, H, W, 3)
@@ -246,7 +246,7 @@ def test_long_video_chunks_and_reused_latents_equal_the_round_trip(model, clips)
 def test_video2world_continues_the_input_and_text2world_needs_nothing(model, clips, tmp_path):
     settings = GenerationSettings.load(model)
     cpu = {c: torch.device("cpu") for c in ("text_encoder", "tokenizer", "dit")}
-    gen = build_generator(model, settings)
+    gen = build_sampler(model, settings)
     spec = {
         "name": "v2w",
         "prompt": "a square",

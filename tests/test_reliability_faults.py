@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from modules.checkpoint import checkpoint_step, latest_checkpoint
 from tests.helpers.faults import read_record
 from tests.helpers.reliability import SIZE, recipe, teacher, video_shards
 from tests.helpers.zygote import Zygote
-from trainers.callbacks import checkpoint_step, latest_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from modules.checkpoint import COMPLETE, PARTIAL, checkpoint_step, latest_checkpoint
 from tests.helpers.faults import read_record
 from tests.helpers.reliability import kd_shards, recipe, teacher, video_shards
 from tests.helpers.zygote import Zygote
-from trainers.callbacks import COMPLETE, PARTIAL, checkpoint_step, latest_checkpoint
 
 SEED = int(os.environ.get("VIDISTILL_FAULT_SEED", "0"))
 STEPS, EVERY = 6, 2

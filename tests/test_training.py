@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.control import ControlTraining
+from modules.parallel import ShardingConfig
+from modules.stages.base import NetSpec, TextSpec
+from modules.stages.control_training import ControlTraining
 from tests.helpers.latents import sample
-from trainers.fsdp import ShardingConfig
-from trainers.stage import NetSpec, TextSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_zero_initialised_control_starts_at_the_base_loss():
 
 
 def test_ema_equals_its_formula():
-    from trainers.callbacks import EMAWeights
+    from modules.stages.ema import EMAWeights
 
     net = torch.nn.Linear(3, 2)
     net.bias.requires_grad_(False)  # only trainable parameters are shadowed

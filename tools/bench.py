@@ -138,7 +138,7 @@ class Ours:
 
     def configure(self, variant: Variant) -> None:
         # the training stages' own switches, so the bench measures what a recipe would run
-        from trainers.fsdp import set_checkpointing, set_compile
+        from modules.parallel import set_checkpointing, set_compile
 
         set_checkpointing(self.model, variant.checkpointing)
         set_compile(self.model, variant.compile)

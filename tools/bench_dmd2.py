@@ -38,10 +38,12 @@ import torch
 
 from modules import distill
 from modules.denoiser import Cond, Denoiser
-from modules.dmd2 import DMD2, GANSpec
 from modules.nets import preset as net_preset
 from modules.nets import set_backend
 from modules.nets.dit import checkpoint_plan
+from modules.parallel import ShardingConfig, set_checkpointing, set_compile
+from modules.stages.base import NetSpec, OptimSpec, TextSpec, TokenizerSpec
+from modules.stages.dmd2 import DMD2, GANSpec
 from tools.bench import (
     TEXT_TOKENS,
     Ours,
@@ -55,8 +57,6 @@ from tools.bench import (
     reset_peak,
     timed,
 )
-from trainers.fsdp import ShardingConfig, set_checkpointing, set_compile
-from trainers.stage import NetSpec, OptimSpec, TextSpec, TokenizerSpec
 
 ENTRIES = ("control step", "student turn", "critic turn")
 

@@ -1,7 +1,7 @@
 """`vidistill bench --mode generation`: end-to-end sampling time of the teacher against the student.
 
 One randomly initialised Denoiser of a preset (weights do not change the time) samples each latent
-grid twice through `Generator.sample`: as the teacher (Euler, `teacher_steps` steps, Cosmos CFG:
+grid twice through `Sampler.sample`: as the teacher (Euler, `teacher_steps` steps, Cosmos CFG:
 two network calls per step) and as the distilled student (`student_steps` calls on a fixed t-list,
 no CFG). Text embeddings and control latents are given as random tensors, as if precomputed and
 encoded; the final latents are then decoded by a randomly initialised full-size Wan2.1 VAE
@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 
 from modules.denoiser import Cond, Denoiser
-from modules.generator import Generator, SamplerConfig
 from modules.nets import preset as net_preset
 from modules.nets import set_backend
+from modules.sampling import Sampler, SamplerConfig
 from modules.tokenizer import WanTokenizer, build_tokenizer
 from tools.bench import TEXT_TOKENS, parse_shape, peak_gib, reset_peak, timed
 
@@ -91,10 +91,10 @@ def bench_generation(
     cfg.modalities = [m for m in modalities.split(",") if m]
     set_backend(attention_backend)
     model = Denoiser.build(cfg, device=dev, dtype=dt)
-    from trainers.fsdp import set_compile
+    from modules.parallel import set_compile
 
     set_compile(model, compile)
-    gen = Generator(model).eval()
+    gen = Sampler(model).eval()
     samplers = {
         "teacher": SamplerConfig(sampler="euler", steps=teacher_steps, guidance=guidance),
         # steps and guidance are unused by the student sampler; set so the header reads true

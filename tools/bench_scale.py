@@ -14,7 +14,7 @@ ranks wait at a barrier), then all ranks together. What is measured, with the st
 - cp_train: the same step with one sample split over `context_parallel` ranks (the same FSDP2
   network with context parallelism switched on): step time / the one-GPU step time.
 - cp_infer: inference per step, as `vidistill infer` computes it: an unsharded bf16 Denoiser
-  under autocast sampling the 4-step student t-list (Generator.sample), time / 4, one GPU against
+  under autocast sampling the 4-step student t-list (Sampler.sample), time / 4, one GPU against
   the sequence split over `context_parallel` ranks.
 - dmd2: the student and critic turns of tools/bench_dmd2.py (the DMD2 stage's own turn_loss at
   the full backward simulation), FSDP2-sharded as `fit` shards them, one GPU against all ranks
@@ -34,15 +34,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from modules.control import ControlTraining, TimeSpec
 from modules.denoiser import Cond, Denoiser
-from modules.generator import Generator, SamplerConfig
 from modules.nets import preset as net_preset
 from modules.nets.dit import checkpoint_plan
+from modules.parallel import ShardingConfig, context_group, context_mesh
+from modules.sampling import Sampler, SamplerConfig
+from modules.stages.base import NetSpec, OptimSpec, TextSpec, TokenizerSpec
+from modules.stages.control_training import ControlTraining, TimeSpec
 from tools.bench import TEXT_TOKENS, free, make_inputs, parse_shape, peak_gib, reset_peak, timed
-from trainers.fsdp import ShardingConfig
-from trainers.stage import NetSpec, OptimSpec, TextSpec, TokenizerSpec
-from trainers.strategy import context_group, context_mesh
 
 PARTS = ("control", "cp_train", "cp_infer", "dmd2")
 
@@ -251,7 +250,7 @@ def bench_scale(
 
     if "cp_infer" in wanted:
         model = Denoiser.build(cfg, device=dev, dtype=dt).eval()
-        gen = Generator(model)
+        gen = Sampler(model)
         sampler = SamplerConfig(sampler="student", t_list=(1.0, 0.75, 0.5, 0.25), shift=5.0)
         steps_per = len(sampler.t_list)
         for shape, grid in grids.items():

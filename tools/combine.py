@@ -138,7 +138,7 @@ def split_teacher(teacher: str, out: str, dtype: torch.dtype | None) -> None:
 
 def copy_settings(sources: list[str], out: Path) -> None:
     """Carry generation.json (tokenizer, text encoder, sampler) over from the first source that has one."""
-    from modules.pipeline import GENERATION_FILE
+    from modules.sampling import GENERATION_FILE
 
     for source in sources:
         file = Path(source) / GENERATION_FILE

@@ -297,8 +297,7 @@ def write_settings(meta: dict, network: str, out: Path) -> None:
     network (a student's t-list); frozen networks (teacher, fake score) sample as teachers."""
     from dataclasses import asdict
 
-    from modules.generator import SamplerConfig
-    from modules.pipeline import GenerationSettings
+    from modules.sampling import GenerationSettings, SamplerConfig
 
     gen = meta.get("generation")
     if not gen:

@@ -108,7 +108,8 @@ def infer(
     Returns the number of failed specs (the exit code is non-zero when any failed).
     """
     from modules.guardrails import Guardrails, load_hook
-    from modules.pipeline import GenerationSettings, Pipeline, build_generator, run_placed
+    from modules.pipeline import Pipeline, build_sampler, run_placed
+    from modules.sampling import GenerationSettings
     from modules.spec import SpecError, load_specs
 
     if mode not in MODES:
@@ -220,15 +221,15 @@ def infer(
         "bfloat16": torch.bfloat16,
         "float32": torch.float32,
     }[dtype]
-    generator = build_generator(model, settings)
+    generator = build_sampler(model, settings)
     if compile:
-        from trainers.fsdp import set_compile
+        from modules.parallel import set_compile
 
         set_compile(generator.denoiser, True, "inductor" if compile is True else compile)
     writer = True  # this rank writes its specs' outputs (the first rank of a context-parallel group)
     share, shares = rank, world  # this rank's share of the specs
     if context_parallel > 1:
-        from trainers.strategy import context_group, context_mesh, data_parallel_rank
+        from modules.parallel import context_group, context_mesh, data_parallel_rank
 
         mesh = context_mesh(devices["dit"].type, world // context_parallel, context_parallel)
         generator.denoiser.set_context_parallel(context_group(mesh))

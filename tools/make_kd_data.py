@@ -112,7 +112,7 @@ def make_kd_data(
     from datamodules.writer import SkipSample, tar_keys, write_shards
     from modules import flow
     from modules.denoiser import Cond, Denoiser
-    from modules.generator import Generator, SamplerConfig, to_uint8, to_unit
+    from modules.sampling import Sampler, SamplerConfig, to_uint8, to_unit
     from modules.text import build_text_encoder
     from modules.tokenizer import build_tokenizer
 
@@ -190,7 +190,7 @@ def make_kd_data(
                 if abs(t - want) < 1e-9:
                     states[want] = x.detach().clone()
 
-        x0 = Generator(net).sample(cond, noise, cfg, through=times, on_state=record)
+        x0 = Sampler(net).sample(cond, noise, cfg, through=times, on_state=record)
         decoded = to_uint8(tok.decode(x0)).cpu()
         for i, s in enumerate(samples):
             done[s["key"]] = _members(

@@ -9,9 +9,7 @@ buffers of the stage, created in configure_model and updated from its training h
 from __future__ import annotations
 
 import io
-import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -21,44 +19,10 @@ from weakref import proxy
 import lightning as L
 import numpy as np
 import torch
-import torch.nn as nn
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.distributed.tensor import DTensor
 
+from modules.checkpoint import PARTIAL, checkpoint_path, latest_checkpoint, remove_checkpoint, save_atomic
 from modules.nets import forward_flops
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-class EMAWeights(nn.Module):
-    """Exponential moving average of trainable parameters, kept as (sharded) buffers:
-    ema <- decay * ema + (1 - decay) * param, on each rank's local shards (no communication)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        super().__init__()
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = decay
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        params = dict(model.named_parameters())
-        for name in self.names:
-            self.register_buffer(name.replace(".", "__"), params[name].detach().clone())
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        shadows = [_local(getattr(self, n.replace(".", "__"))) for n in self.names]
-        current = [_local(params[n].detach()) for n in self.names]
-        torch._foreach_lerp_(shadows, current, 1.0 - self.decay)
-
-    def state_for(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The model's state dict with EMA values in place of the trained parameters."""
-        state = dict(model.state_dict())
-        for name in self.names:
-            state[name] = getattr(self, name.replace(".", "__"))
-        return state
 
 
 def gif_bytes(video: np.ndarray, fps: float) -> bytes:
@@ -227,96 +191,6 @@ def _batch_size(batch: dict) -> int:
 # Checkpoints that are never taken half-written, and pre-emption
 # --------------------------------------------------------------------------------------------
 
-COMPLETE = "complete.json"
-"""Marker a sharded (DCP) checkpoint directory gets once every rank's files are written."""
-PARTIAL, STALE = ".partial", ".stale"
-
-
-def _remove(path: Path) -> None:
-    """Delete a checkpoint (file, link or directory); a directory loses its marker first, so a
-    deletion cut short never leaves something that reads as complete."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        (path / COMPLETE).unlink(missing_ok=True)
-        shutil.rmtree(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (a crash of the node after it must not undo it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    """Put the finished checkpoint `tmp` at `path`. A file is replaced atomically; a directory
-    cannot replace a non-empty one, so the old one moves aside to `<path>.stale` first (it stays
-    a complete candidate for "last" until the new one is in place)."""
-    if tmp.is_dir():
-        marker = tmp / COMPLETE
-        marker.with_suffix(".tmp").write_text(json.dumps({"path": path.name}))
-        os.replace(marker.with_suffix(".tmp"), marker)
-    if tmp.is_dir() and (path.exists() or path.is_symlink()):
-        stale = path.with_name(path.name + STALE)
-        _remove(stale)
-        os.replace(path, stale)
-        os.replace(tmp, path)
-        _remove(stale)
-    else:
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def save_atomic(trainer: L.Trainer, path: str | Path, weights_only: bool = False) -> Path:
-    """Save a checkpoint (every rank calls this) so that `path` only ever holds a complete one:
-    written under `<path>.partial`, marked complete by rank 0 after every rank has written its
-    shards, then renamed. A kill at any point leaves the previous checkpoints as they were."""
-    path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL)
-    if trainer.is_global_zero:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove(tmp)  # a leftover of a save that was killed
-    trainer.strategy.barrier("save_atomic:clean")
-    trainer.save_checkpoint(tmp, weights_only)  # ends with a barrier: every rank's shards are written
-    if trainer.is_global_zero:
-        _commit(tmp, path)
-    trainer.strategy.barrier("save_atomic:commit")
-    return path
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """Global step of the complete checkpoint at `path`; None when it is not complete."""
-    try:
-        if path.is_dir():
-            if not (path / COMPLETE).is_file():
-                return None
-            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-        else:
-            meta = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        return int(meta["global_step"])
-    except Exception:  # noqa: BLE001 - any unreadable checkpoint is not a candidate
-        return None
-
-
-def latest_checkpoint(dirpath: str | Path) -> Path | None:
-    """The complete checkpoint with the highest global step in `dirpath` (`*.ckpt` files and
-    marked directories, and a `.stale` one left by a kill between the two renames of `_commit`).
-    Half-written (`.partial`) and unmarked directories are never candidates."""
-    dirpath = Path(dirpath)
-    if not dirpath.is_dir():
-        return None
-    found = []
-    for p in dirpath.iterdir():
-        if not (p.name.endswith(".ckpt") or p.name.endswith(".ckpt" + STALE)):
-            continue
-        step = checkpoint_step(p)
-        if step is not None:
-            found.append((step, not p.name.endswith(STALE), p.stat().st_mtime_ns, p))
-    return max(found)[3] if found else None
-
 
 class AtomicCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (same arguments) whose saves are atomic (`save_atomic`) and
@@ -331,7 +205,7 @@ class AtomicCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath and Path(self.dirpath).is_dir():
             for p in Path(self.dirpath).glob("*" + PARTIAL):  # saves that were killed
-                _remove(p)
+                remove_checkpoint(p)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         # ModelCheckpoint._save_checkpoint with the save made atomic
@@ -344,19 +218,12 @@ class AtomicCheckpoint(ModelCheckpoint):
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         if trainer.is_global_zero:
-            _remove(Path(filepath))
+            remove_checkpoint(Path(filepath))
 
     def _find_last_checkpoints(self, trainer) -> set[str]:
         dirpath = self.dirpath or self._ModelCheckpoint__resolve_ckpt_dir(trainer)
         latest = latest_checkpoint(dirpath)
         return {str(latest)} if latest is not None else set()
-
-
-def checkpoint_path(trainer: L.Trainer, name: str) -> Path:
-    """`<checkpoint dir>/<name>.ckpt`: the first ModelCheckpoint's directory (where "last" looks),
-    else `<default_root_dir>/checkpoints`."""
-    dirs = [cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-    return Path(dirs[0] if dirs else Path(trainer.default_root_dir) / "checkpoints") / f"{name}.ckpt"
 
 
 class Preempted(SystemExit):

@@ -1,7 +1,7 @@
 """`vidistill fit` / `vidistill validate`: LightningCLI over the stages and the datamodule.
 
 Recipes (recipes/**/*.yaml) are LightningCLI configs: `model:` names a stage class
-(modules.control.ControlTraining, ...) with its init arguments, `data:` the datamodule.
+(modules.stages.ControlTraining, ...) with its init arguments, `data:` the datamodule.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from modules.stages.base import Stage
 from trainers.callbacks import AtomicCheckpoint, Preemption
-from trainers.stage import Stage
 
 
 class VidistillCLI(LightningCLI):

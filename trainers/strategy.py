@@ -17,7 +17,8 @@ already reads the data_parallel dimension.
 from __future__ import annotations
 
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from modules.parallel import context_mesh
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -71,39 +72,3 @@ class FSDP2Strategy(ModelParallelStrategy):
             self._device_mesh = context_mesh(self.root_device.type, dp, cp, tp)
             self.lightning_module._device_mesh = self._device_mesh
         self._data_parallel_size = dp
-
-
-def context_mesh(device_type: str, dp: int, cp: int, tp: int = 1) -> DeviceMesh:
-    """The (data_parallel, context_parallel, tensor_parallel) mesh with data x context flattened
-    into `dp_cp` (what networks are sharded over). Every rank must call it."""
-    mesh = init_device_mesh(
-        device_type, (dp, cp, tp), mesh_dim_names=("data_parallel", "context_parallel", "tensor_parallel")
-    )
-    mesh["data_parallel", "context_parallel"]._flatten("dp_cp")
-    return mesh
-
-
-def shard_mesh(mesh: DeviceMesh | None) -> DeviceMesh | None:
-    """The mesh networks are fully_shard-ed over: dp_cp under context parallelism, else data_parallel."""
-    if mesh is None:
-        return None
-    if "context_parallel" not in (mesh.mesh_dim_names or ()):
-        return mesh["data_parallel"]
-    # _flatten again returns the mesh context_mesh made (slicing a flattened dim from the root is deprecated)
-    return mesh["data_parallel", "context_parallel"]._flatten("dp_cp")
-
-
-def context_group(mesh: DeviceMesh | None):
-    """The process group of this rank's context-parallel group, or None (no mesh, or size 1)."""
-    if mesh is None or "context_parallel" not in (mesh.mesh_dim_names or ()) or mesh["context_parallel"].size() == 1:
-        return None
-    return mesh["context_parallel"].get_group()
-
-
-def data_parallel_rank(mesh: DeviceMesh | None, rank: int = 0, world: int = 1) -> tuple[int, int]:
-    """(rank, size) along the data_parallel dimension, what data and per-sample randomness follow;
-    (rank, world) as given without a mesh."""
-    if mesh is None:
-        return rank, world
-    dp = mesh["data_parallel"]
-    return dp.get_local_rank(), dp.size()

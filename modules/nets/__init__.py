@@ -1,7 +1,7 @@
 """Network code: plain torch, no Lightning, no training logic."""
 
 from .attention import attention, set_backend
-from .control import ControlBranch, ControlConfig, mix_residuals
+from .control_branch import ControlBranch, ControlConfig, mix_residuals
 from .dit import DiT, DiTConfig, forward_flops
 from .presets import PRESETS, NetConfig, preset
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dit import RMSNorm
+from .init import seeded_init
 
 __all__ = ["GANHead", "GANHeadConfig"]
 
@@ -65,18 +66,7 @@ class GANHead(nn.Module):
             raise ValueError(f"expected features of {len(self.taps)} blocks {self.cfg.taps}, got {len(feats)}")
         return sum(tap(h) for tap, h in zip(self.taps, feats))
 
-    @torch.no_grad()
     def init_weights(self, seed: int = 0) -> GANHead:
-        """Seeded init: linears N(0, 0.02), zero biases, unit norms (as the DiT's, see Denoiser)."""
-        from modules.denoiser import _assign  # one DTensor-aware copy for every network
-
-        first = next(self.parameters())
-        device = first.to_local().device if hasattr(first, "to_local") else first.device
-        gen = torch.Generator(device=device).manual_seed(seed)
-        for mod in self.modules():
-            if isinstance(mod, nn.Linear):
-                _assign(mod.weight, torch.randn(mod.weight.shape, generator=gen, device=device).mul_(0.02))
-                mod.bias.zero_()
-            elif isinstance(mod, RMSNorm):
-                mod.weight.fill_(1.0)
+        """Seeded init, as the DiT's (`nets.init.seeded_init`)."""
+        seeded_init(self, seed)
         return self

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .control import ControlConfig
+from .control_branch import ControlConfig
 from .dit import DiTConfig
 
 

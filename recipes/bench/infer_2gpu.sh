@@ -12,7 +12,7 @@ from diffusers import AutoencoderKLWan
 from modules.denoiser import Denoiser
 from modules.nets import preset
 from modules.pipeline import GenerationSettings
-from modules.generator import SamplerConfig
+from modules.sampling import SamplerConfig
 from datamodules.codec import write_video
 W = "/tmp/w"
 AutoencoderKLWan().save_pretrained(f"{W}/vae")   # random full-size Wan2.1 VAE

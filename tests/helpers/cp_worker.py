@@ -14,8 +14,7 @@ from torch.distributed.tensor import DTensor
 from modules.denoiser import Cond, Denoiser
 from modules.nets import preset
 from modules.nets.context import check_heads
-from trainers.fsdp import ShardingConfig, set_checkpointing, shard_model
-from trainers.strategy import context_group, context_mesh, shard_mesh
+from modules.parallel import ShardingConfig, context_group, context_mesh, set_checkpointing, shard_mesh, shard_model
 
 ARGS = argparse.Namespace(device="cpu", dtype=torch.float32, hw=(4, 4), text_dim=32, channels=16)
 

@@ -40,7 +40,7 @@ def teacher(folder: Path) -> str:
     """A tiny edge-controlled network (non-zero control branch) that fits PIXEL and the tiny text encoder."""
     from modules.denoiser import Denoiser
     from modules.nets import preset
-    from modules.pipeline import GenerationSettings
+    from modules.sampling import GenerationSettings
 
     cfg = preset("tiny", latent_channels=12)
     cfg.control.channels, cfg.modalities = 12, ["edge"]
@@ -102,7 +102,7 @@ def recipe(
     common = {"tokenizer": PIXEL, "sharding": FP32, "seed": 0, "export_to": str(root / "export")}
     models = {
         "control": {
-            "class_path": "modules.control.ControlTraining",
+            "class_path": "modules.stages.ControlTraining",
             "init_args": dict(
                 common,
                 modality="edge",

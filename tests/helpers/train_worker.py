@@ -12,10 +12,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from modules.control import ControlTraining
+from modules.parallel import ShardingConfig
+from modules.stages.base import NetSpec, OptimSpec, TextSpec
+from modules.stages.control_training import ControlTraining
 from tests.helpers.latents import loader
-from trainers.fsdp import ShardingConfig
-from trainers.stage import NetSpec, OptimSpec, TextSpec
 
 
 class Record(Callback):

@@ -147,9 +147,9 @@ def serve() -> None:
     import transformers  # noqa: F401
 
     import datamodules.video  # noqa: F401
-    import modules.control  # noqa: F401
-    import modules.dmd2  # noqa: F401
-    import modules.kd  # noqa: F401
+    import modules.stages.control_training  # noqa: F401
+    import modules.stages.dmd2  # noqa: F401
+    import modules.stages.kd_warmup  # noqa: F401
     import tests.helpers.faults  # noqa: F401
     import tools.cli  # noqa: F401
     import tools.infer  # noqa: F401

@@ -12,13 +12,12 @@ from dataclasses import replace
 
 import torch
 
-from trainers.fsdp import ShardingConfig
-from trainers.stage import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, sample_generator
-
-from . import flow
-from .denoiser import Cond
-from .distill import kd_loss
-from .generator import SamplerConfig
+from .. import flow
+from ..denoiser import Cond
+from ..distill import kd_loss
+from ..parallel import ShardingConfig
+from ..sampling import SamplerConfig
+from .base import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, sample_generator
 
 
 class KDWarmup(Stage):

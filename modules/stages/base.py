@@ -15,16 +15,14 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from modules.denoiser import Cond, Denoiser
-from modules.generator import Generator, SamplerConfig, to_uint8, to_unit
-from modules.nets import NetConfig, preset
-from modules.pipeline import GenerationSettings
-from modules.text import build_text_encoder
-from modules.tokenizer import build_tokenizer
-
-from .callbacks import EMAWeights, checkpoint_path, save_atomic
-from .fsdp import ShardingConfig, shard_model
-from .strategy import context_group, data_parallel_rank, shard_mesh
+from ..checkpoint import checkpoint_path, save_atomic
+from ..denoiser import Cond, Denoiser
+from ..nets import NetConfig, preset
+from ..parallel import ShardingConfig, context_group, data_parallel_rank, shard_mesh, shard_model
+from ..sampling import GenerationSettings, Sampler, SamplerConfig, to_uint8, to_unit
+from ..text import build_text_encoder
+from ..tokenizer import build_tokenizer
+from .ema import EMAWeights
 
 
 @dataclass
@@ -311,7 +309,7 @@ class Stage(L.LightningModule):
         """Keep each network's NetConfig and the name of the network the EMA shadows next to the
         hyperparameters (meta.pt of a sharded checkpoint): `vidistill consolidate` then needs no
         tokenizer, text encoder or still-existing `init_from`, and never guesses between networks."""
-        from modules.nets.gan import GANHead
+        from ..nets.gan import GANHead
 
         nets = {name: module.cfg.to_dict() for name, module in self.named_children() if isinstance(module, Denoiser)}
         checkpoint["net_configs"] = nets
@@ -429,7 +427,7 @@ class Stage(L.LightningModule):
         )
         g = torch.Generator(device=x0.device).manual_seed(seed + 7919 * self.data_rank()[0])
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
-        latents = Generator(self.trained_model()).sample(cond, noise, sampler, generator=g)
+        latents = Sampler(self.trained_model()).sample(cond, noise, sampler, generator=g)
         return to_uint8(self.tokenizer.decode(latents))
 
     # --- optimisation ---------------------------------------------------------------------------

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.fsdp import ShardingConfig
-from trainers.stage import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, allow_in_checkpoints, sample_generator
-
-from . import flow
-from .denoiser import Cond
-from .generator import SamplerConfig
+from .. import flow
+from ..denoiser import Cond
+from ..parallel import ShardingConfig
+from ..sampling import SamplerConfig
+from .base import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, allow_in_checkpoints, sample_generator
 
 
 @dataclass
@@ -66,7 +65,7 @@ class ControlTraining(Stage):
             max_cond_frames: each sample gets 0..K leading clean conditioning latent frames.
             optim: AdamW and its learning-rate schedule.
             sharding: FSDP2 mixed precision and activation checkpointing.
-            sampler: how validation sample videos are generated (Generator).
+            sampler: how validation sample videos are generated (Sampler).
             ema_decay: keep an exponential moving average of the trained weights (e.g. 0.999); none: off.
             export_to: directory where the trained network (its EMA if kept) is written at the end of fit.
             seed: weight init and every per-sample random draw.

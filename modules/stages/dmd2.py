@@ -18,22 +18,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from trainers.fsdp import ShardingConfig, shard_head
-from trainers.stage import (
-    NetSpec,
-    OptimSpec,
-    Stage,
-    TextSpec,
-    TokenizerSpec,
-    allow_in_checkpoints,
-    lr_lambda,
-    sample_generator,
-)
-
-from . import distill, flow
-from .denoiser import Cond, Denoiser
-from .generator import SamplerConfig, guided
-from .nets.gan import GANHead, GANHeadConfig
+from .. import distill, flow
+from ..denoiser import Cond, Denoiser
+from ..nets.gan import GANHead, GANHeadConfig
+from ..parallel import ShardingConfig, shard_head
+from ..sampling import SamplerConfig, guided
+from .base import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, allow_in_checkpoints, lr_lambda, sample_generator
 
 
 @dataclass

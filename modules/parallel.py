@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from modules.denoiser import Denoiser
-from modules.nets.dit import checkpoint_plan
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "none": None}
+from .denoiser import Denoiser
+from .dtypes import to_dtype
+from .nets.dit import checkpoint_plan
 
 
 @dataclass
@@ -41,8 +40,7 @@ class ShardingConfig:
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "reduce_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"sharding.{name} must be one of {', '.join(DTYPES)}")
+            to_dtype(getattr(self, name), f"sharding.{name}", allow_none=True)
         try:
             checkpoint_plan(self.checkpointing, 1)
         except ValueError as e:
@@ -50,7 +48,9 @@ class ShardingConfig:
 
 
 def mp_policy(cfg: ShardingConfig) -> MixedPrecisionPolicy:
-    return MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+    return MixedPrecisionPolicy(
+        param_dtype=to_dtype(cfg.param_dtype, allow_none=True), reduce_dtype=to_dtype(cfg.reduce_dtype, allow_none=True)
+    )
 
 
 def set_checkpointing(model: Denoiser, mode: str | bool) -> None:
@@ -102,3 +102,42 @@ def shard_head(module: torch.nn.Module, mesh: DeviceMesh | None, cfg: ShardingCo
     if mesh is not None:
         fully_shard(module, mesh=mesh, mp_policy=mp_policy(cfg))
     return module
+
+
+# --- the device mesh networks are sharded over ---------------------------------------------------
+
+
+def context_mesh(device_type: str, dp: int, cp: int, tp: int = 1) -> DeviceMesh:
+    """The (data_parallel, context_parallel, tensor_parallel) mesh with data x context flattened
+    into `dp_cp` (what networks are sharded over). Every rank must call it."""
+    mesh = init_device_mesh(
+        device_type, (dp, cp, tp), mesh_dim_names=("data_parallel", "context_parallel", "tensor_parallel")
+    )
+    mesh["data_parallel", "context_parallel"]._flatten("dp_cp")
+    return mesh
+
+
+def shard_mesh(mesh: DeviceMesh | None) -> DeviceMesh | None:
+    """The mesh networks are fully_shard-ed over: dp_cp under context parallelism, else data_parallel."""
+    if mesh is None:
+        return None
+    if "context_parallel" not in (mesh.mesh_dim_names or ()):
+        return mesh["data_parallel"]
+    # _flatten again returns the mesh context_mesh made (slicing a flattened dim from the root is deprecated)
+    return mesh["data_parallel", "context_parallel"]._flatten("dp_cp")
+
+
+def context_group(mesh: DeviceMesh | None):
+    """The process group of this rank's context-parallel group, or None (no mesh, or size 1)."""
+    if mesh is None or "context_parallel" not in (mesh.mesh_dim_names or ()) or mesh["context_parallel"].size() == 1:
+        return None
+    return mesh["context_parallel"].get_group()
+
+
+def data_parallel_rank(mesh: DeviceMesh | None, rank: int = 0, world: int = 1) -> tuple[int, int]:
+    """(rank, size) along the data_parallel dimension, what data and per-sample randomness follow;
+    (rank, world) as given without a mesh."""
+    if mesh is None:
+        return rank, world
+    dp = mesh["data_parallel"]
+    return dp.get_local_rank(), dp.size()

@@ -1,4 +1,4 @@
-"""Generator: the inference module, shared by sample-video callbacks, KD data, inference and reports.
+"""Sampler: the inference module, shared by sample-video callbacks, KD data, inference and reports.
 
 It owns a Denoiser and, optionally, a tokenizer and a text encoder, and samples through
 `denoise` with the flow samplers: the teacher with CFG over a shifted grid, the distilled
@@ -7,7 +7,9 @@ student over its fixed t-list. Plain torch (no Lightning), so tools can use it d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -54,7 +56,7 @@ def guided(denoiser: Denoiser, cond: Cond, guidance: float) -> flow.Denoise:
     return fn
 
 
-class Generator(nn.Module):
+class Sampler(nn.Module):
     def __init__(self, denoiser: Denoiser, tokenizer: nn.Module | None = None, text_encoder: nn.Module | None = None):
         super().__init__()
         self.denoiser = denoiser
@@ -89,7 +91,7 @@ class Generator(nn.Module):
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_encoder is None:
-            raise ValueError("this Generator has no text encoder: pass text embeddings in Cond instead")
+            raise ValueError("this Sampler has no text encoder: pass text embeddings in Cond instead")
         emb, mask = self.text_encoder.encode(prompts)
         return emb.to(device), mask.to(device)
 
@@ -129,3 +131,44 @@ class Generator(nn.Module):
         )
         x0 = self.sample(cond, noise, cfg, generator=gen, progress=progress)
         return to_uint8(self.tokenizer.decode(x0))
+
+
+GENERATION_FILE = "generation.json"
+DEFAULT_FPS = 16.0
+
+
+# --- what a model directory says about generating with it ------------------------------------------
+
+
+@dataclass
+class GenerationSettings:
+    """`generation.json` next to a network's config.json: what inference needs besides weights.
+
+    Written by every stage's export and by consolidate / combine, so `vidistill infer --model DIR`
+    needs no recipe; infer's flags override it (imported Cosmos weights come without one)."""
+
+    tokenizer: dict = field(default_factory=lambda: {"kind": "pixel", "path": None, "options": {"spatial": 4}})
+    """TokenizerSpec fields: kind, path, options."""
+    text: dict = field(default_factory=lambda: {"encoder": "tiny", "max_length": 64})
+    """TextSpec fields: encoder, max_length."""
+    sampler: dict = field(default_factory=lambda: asdict(SamplerConfig()))
+    """SamplerConfig fields: a distilled student has sampler "student" and its t-list."""
+    fps: float = DEFAULT_FPS
+    """Frame rate of videos generated without an input video."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> GenerationSettings | None:
+        file = Path(path) / GENERATION_FILE
+        if not file.is_file():
+            return None
+        data = json.loads(file.read_text())
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / GENERATION_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    def sampler_config(self) -> SamplerConfig:
+        s = dict(self.sampler)
+        s["t_list"] = tuple(s.get("t_list", flow.STUDENT_T_LIST))
+        return SamplerConfig(**s)
