@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import flow
 from .nets.control_branch import ControlBranch, mix_residuals
 from .nets.dit import DiT
 from .nets.init import seeded_init
@@ -54,6 +55,20 @@ class Cond:
 def _frames_t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample (B,) or per-frame (B, T) times shaped to broadcast against x (B, C, T, H, W)."""
     return (t.view(-1, 1, 1, 1, 1) if t.ndim == 1 else t[:, None, :, None, None]).to(x.dtype)
+
+
+def drop_text(text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The null text where `drop` (B,) is True: zero embeddings with every position visible, so
+    cross-attention to it adds exactly 0. Training drops to it (text dropout) and CFG's
+    unconditional branch uses it when no negative prompt is given."""
+    keep = (~drop).view(-1, 1, 1).to(text.dtype)
+    mask = torch.where(drop.view(-1, 1), torch.ones_like(mask), mask)
+    return text * keep, mask
+
+
+def null_text(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The null text of a whole batch (`drop_text` with every sample dropped)."""
+    return drop_text(text, mask, torch.ones(len(text), dtype=torch.bool, device=text.device))
 
 
 class Denoiser(nn.Module):
@@ -125,7 +140,8 @@ class Denoiser(nn.Module):
         """
         x_in, t_in, m, t = self._inputs(x_t, t, cond)
         out = self.output(x_in, t_in, cond)
-        x0 = out if self.cfg.prediction == "x0" else x_t - t.view(-1, 1, 1, 1, 1).to(x_t.dtype) * out
+        # t in x_t's dtype: under bf16 the product is taken in bf16, as the network's output is
+        x0 = out if self.cfg.prediction == "x0" else flow.x0_from_velocity(x_t, out, t.to(x_t.dtype))
         return x0 if m is None else m * x_in + (1 - m) * x0
 
     def features(

@@ -45,14 +45,6 @@ __all__ = [
 Discriminate = Callable[[Tensor, Tensor], Tensor]
 
 
-def _masked_mean(err: Tensor, mask: Tensor | None) -> Tensor:
-    """Per-sample mean over the kept elements of `err` (B, ...) -> (B,)."""
-    if mask is None:
-        return err.flatten(1).mean(1)
-    mask = mask.to(err.dtype).expand_as(err)
-    return (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
-
-
 def _per_sample(values: Tensor) -> Tensor:
     # A patch/token discriminator gives several logits per sample: each is its own classifier
     # (softplus applied per logit) and each counts equally in the sample's loss.
@@ -73,7 +65,7 @@ def kd_loss(x0_student: Tensor, x0_teacher: Tensor, mask: Tensor | None = None) 
     the element count.
     """
     err = (x0_student.float() - x0_teacher.detach().float()).square()
-    return 0.5 * _masked_mean(err, mask)
+    return 0.5 * flow.masked_mean(err, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +92,7 @@ def dmd_gradient(x0_gen: Tensor, x0_real: Tensor, x0_fake: Tensor, mask: Tensor 
     direction to follow, and a max-float step would wreck the generator.
     """
     gen, real, fake = x0_gen.float(), x0_real.float(), x0_fake.float()
-    scale = _masked_mean((gen - real).abs(), mask)
+    scale = flow.masked_mean((gen - real).abs(), mask)
     grad = (fake - real) / scale.view(-1, *([1] * (gen.ndim - 1)))
     if mask is not None:
         grad = grad * mask.to(grad.dtype)
@@ -117,7 +109,7 @@ def dmd_loss(x0_gen: Tensor, x0_real: Tensor, x0_fake: Tensor, mask: Tensor | No
     grad = dmd_gradient(x0_gen, x0_real, x0_fake, mask)
     gen = x0_gen.float()
     target = (gen - grad).detach()
-    return 0.5 * _masked_mean((gen - target).square(), mask)
+    return 0.5 * flow.masked_mean((gen - target).square(), mask)
 
 
 def fake_score_loss(
@@ -220,18 +212,13 @@ def backward_simulation(
         raise ValueError(f"exit_step must be in [0, {len(times)}), got {exit_step}")
     x = noise
     for k in range(exit_step):
-        x0 = student(x, _t_batch(times[k], x))
+        x0 = student(x, flow.t_batch(times[k], x))
         # drawn exactly as sample_student draws it, so both consume the generator alike
         eps = torch.randn(
             x.shape, generator=generator, dtype=x.dtype, device=generator.device if generator is not None else x.device
         ).to(x.device)
         x = flow.add_noise(x0.to(noise.dtype), eps, times[k + 1])
-    return x, _t_batch(times[exit_step], x)
-
-
-def _t_batch(t: float, x: Tensor) -> Tensor:
-    # As the samplers feed the net: at least float32 (bf16 cannot hold e.g. 0.8333).
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    return x, flow.t_batch(times[exit_step], x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ __all__ = [
     "cfg",
     "eps_from_x0",
     "expand_t",
+    "masked_mean",
     "sample_dpmpp_2m",
     "sample_euler",
     "sample_student",
@@ -37,6 +38,7 @@ __all__ = [
     "schedule_through",
     "shift",
     "student_t_list",
+    "t_batch",
     "unshift",
     "velocity_from_x0",
     "x0_from_velocity",
@@ -243,9 +245,9 @@ def _grid(ts: Tensor | Sequence[float]) -> list[float]:
     return grid
 
 
-def _t_batch(t: float, x: Tensor) -> Tensor:
-    # At least float32: bf16 cannot represent e.g. 0.8333 and the net's timestep embedding
-    # should see the time the sampler means.
+def t_batch(t: float, x: Tensor) -> Tensor:
+    """The time `t` for every sample of x, as samplers feed the network: (B,) of at least float32
+    (bf16 cannot represent e.g. 0.8333, and the timestep embedding should see the time meant)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     return torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
 
@@ -285,7 +287,7 @@ def sample_euler(
         t, t_next = grid[i], grid[i + 1]
         if on_state is not None:
             on_state(t, x)
-        x0 = denoise(x, _t_batch(t, x))
+        x0 = denoise(x, t_batch(t, x))
         if t_next == 0.0:
             x = _like(x0, noise)
         else:
@@ -337,7 +339,7 @@ def sample_dpmpp_2m(
         t, t_next = grid[i], grid[i + 1]
         if on_state is not None:
             on_state(t, x)
-        x0 = denoise(x, _t_batch(t, x))
+        x0 = denoise(x, t_batch(t, x))
         if t_next == 0.0:
             x = _like(x0, noise)
             break
@@ -377,7 +379,7 @@ def sample_student(
     x = noise
     x0 = noise
     for k, t in enumerate(times):
-        x0 = denoise(x, _t_batch(t, x))
+        x0 = denoise(x, t_batch(t, x))
         if k + 1 < len(times):
             if renoise == "fresh":
                 eps = torch.randn(
@@ -402,8 +404,13 @@ def velocity_loss(x0_pred: Tensor, x0: Tensor, x_t: Tensor, t: TimeLike, mask: T
     to x0, 1 = counted) drops e.g. conditioning frames. Returns (B,) losses; average them for the batch.
     """
     t = expand_t(t, x0)
-    err = ((x0.float() - x0_pred.float()) / t).square()
+    return masked_mean(((x0.float() - x0_pred.float()) / t).square(), mask)
+
+
+def masked_mean(err: Tensor, mask: Tensor | None) -> Tensor:
+    """Per-sample mean of `err` (B, ...) over the elements where `mask` (broadcastable, 1 = counted)
+    is set -> (B,); every element without a mask. A sample with nothing counted gives 0."""
     if mask is None:
         return err.flatten(1).mean(1)
-    mask = mask.float().expand_as(err)
+    mask = mask.to(err.dtype).expand_as(err)
     return (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)

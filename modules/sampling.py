@@ -1,8 +1,7 @@
-"""Sampler: the inference module, shared by sample-video callbacks, KD data, inference and reports.
-
-It owns a Denoiser and, optionally, a tokenizer and a text encoder, and samples through
-`denoise` with the flow samplers: the teacher with CFG over a shifted grid, the distilled
-student over its fixed t-list. Plain torch (no Lightning), so tools can use it directly.
+"""Sampling a network: `Sampler` (teacher with CFG over a shifted grid, distilled student over its
+fixed t-list, both through `denoise`), its `SamplerConfig`, and `GenerationSettings`, the
+generation.json a model directory carries. Shared by sample videos, KD data and inference;
+plain torch (no Lightning).
 """
 
 from __future__ import annotations
@@ -57,6 +56,9 @@ def guided(denoiser: Denoiser, cond: Cond, guidance: float) -> flow.Denoise:
 
 
 class Sampler(nn.Module):
+    """A Denoiser with the tokenizer and text encoder inference uses beside it (optional for
+    callers that bring latents and embeddings), sampled with `sample`."""
+
     def __init__(self, denoiser: Denoiser, tokenizer: nn.Module | None = None, text_encoder: nn.Module | None = None):
         super().__init__()
         self.denoiser = denoiser
@@ -87,50 +89,6 @@ class Sampler(nn.Module):
             raise ValueError(f"unknown sampler {cfg.sampler!r}; choose euler, dpmpp_2m or student")
         ts = flow.schedule_through(cfg.steps, through, cfg.shift) if through else flow.schedule(cfg.steps, cfg.shift)
         return samplers[cfg.sampler](guided(self.denoiser, cond, cfg.guidance), noise, ts, progress, on_state)
-
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.text_encoder is None:
-            raise ValueError("this Sampler has no text encoder: pass text embeddings in Cond instead")
-        emb, mask = self.text_encoder.encode(prompts)
-        return emb.to(device), mask.to(device)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        controls: dict[str, torch.Tensor],
-        num_frames: int,
-        height: int,
-        width: int,
-        cfg: SamplerConfig = SamplerConfig(),
-        negative_prompt: str = "",
-        control_weights: dict[str, float | torch.Tensor] | None = None,
-        seed: int = 0,
-        fps: float | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """Videos (B, 3, T, H, W) uint8 for prompts and uint8 control videos of the same size."""
-        if self.tokenizer is None:
-            raise ValueError("generate needs a tokenizer; use sample() with latents otherwise")
-        device = next(self.denoiser.parameters()).device
-        text, mask = self.encode_text(prompts, device)
-        neg, neg_mask = self.encode_text([negative_prompt] * len(prompts), device)
-        latents = {m: self.tokenizer.encode(to_unit(v.to(device))).to(device) for m, v in controls.items()}
-        C, T, H, W = self.tokenizer.latent_shape(num_frames, height, width)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        noise = torch.randn(len(prompts), C, T, H, W, generator=gen, device=device)
-        cond = Cond(
-            text=text,
-            text_mask=mask,
-            neg_text=neg,
-            neg_text_mask=neg_mask,
-            controls=latents,
-            control_weights=control_weights or {},
-            fps=fps,
-        )
-        x0 = self.sample(cond, noise, cfg, generator=gen, progress=progress)
-        return to_uint8(self.tokenizer.decode(x0))
 
 
 GENERATION_FILE = "generation.json"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from .dtypes import to_dtype
@@ -185,17 +186,12 @@ class PixelTokenizer(VideoTokenizer):
         self.freeze()
 
     def _encode(self, video: Tensor) -> Tensor:
-        b, c, t, h, w = video.shape
         f, s = self.temporal_factor, self.spatial_factor
-        x = video.view(b, c, t // f, f, h // s, s, w // s, s)
-        # one copy at most (reshape of a permuted view); none when s == t == 1
-        return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, self.latent_channels, t // f, h // s, w // s)
+        return rearrange(video, "b c (t dt) (h dy) (w dx) -> b (c dt dy dx) t h w", dt=f, dy=s, dx=s)
 
     def _decode(self, latents: Tensor) -> Tensor:
-        b, _, t, h, w = latents.shape
         f, s = self.temporal_factor, self.spatial_factor
-        x = latents.reshape(b, 3, f, s, s, t, h, w)
-        return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, 3, t * f, h * s, w * s)
+        return rearrange(latents, "b (c dt dy dx) t h w -> b c (t dt) (h dy) (w dx)", c=3, dt=f, dy=s, dx=s)
 
 
 def _stats(values: Any, channels: int, name: str) -> Tensor:

@@ -53,7 +53,7 @@ def test_fabric_run_launches_two_processes(tmp_path):
         f"--trainer.default_root_dir={tmp_path / 'run'}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'run'}",
         "--trainer.enable_progress_bar=false",
-        f"--model.init_args.export_to={tmp_path / 'export'}",
+        f"--model.init_args.options.export_to={tmp_path / 'export'}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr

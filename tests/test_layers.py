@@ -171,3 +171,32 @@ def test_the_checker_finds_each_kind_of_wrong_way_import(tmp_path):
     assert len(found.splitlines()) == 8, found
     write(tmp_path, {"modules/a.py": "from . import b\n", "modules/b.py": "from modules.a import x\n"})
     assert cycles(tmp_path) == ["modules.a -> modules.b", "tools.quickstart -> tools.report"]
+
+
+def code_lines(func: ast.FunctionDef | ast.AsyncFunctionDef, source: list[str]) -> int:
+    """Lines of code of a function: its lines without the docstring, blank lines and comments."""
+    body = func.body
+    skip = set()
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        if isinstance(body[0].value.value, str):
+            skip = set(range(body[0].lineno, body[0].end_lineno + 1))
+    code = [source[i - 1].strip() for i in range(func.lineno, func.end_lineno + 1) if i not in skip]
+    return sum(1 for line in code if line and not line.startswith("#"))
+
+
+def long_functions(root: Path, limit: int = 80) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        source = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(source))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = code_lines(node, source)
+                if n > limit:
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name}: {n} lines of code")
+    return found
+
+
+def test_tools_are_thin():
+    """Subcommands parse arguments and call the layers below: no function in tools/ is over 80
+    lines of code (docstrings, blank lines and comments aside)."""
+    assert not long_functions(ROOT / "tools"), "\n".join(long_functions(ROOT / "tools"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modules.parallel import ShardingConfig
-from modules.stages.base import NetSpec, TextSpec
+from modules.stages.base import NetSpec, StageOptions, TextSpec
 from modules.stages.control_training import ControlTraining
 from tests.helpers.latents import sample
 
@@ -85,8 +85,9 @@ def test_zero_initialised_control_starts_at_the_base_loss():
     module = ControlTraining(
         net=NetSpec("tiny"),
         modality="edge",
-        text=TextSpec(encoder="none"),
-        sharding=ShardingConfig(param_dtype="none", checkpointing="none"),
+        options=StageOptions(
+            text=TextSpec(encoder="none"), sharding=ShardingConfig(param_dtype="none", checkpointing="none")
+        ),
     )
     module.configure_model()
     batch = {k: torch.stack([sample(i)[k] for i in range(3)]) for k in sample(0)}

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from modules.checkpoint import PARTIAL, checkpoint_path, latest_checkpoint, remove_checkpoint, save_atomic
-from modules.nets import forward_flops
+from modules.nets import PEAK_TFLOPS, forward_flops
 
 
 def gif_bytes(video: np.ndarray, fps: float) -> bytes:
@@ -138,7 +138,7 @@ class Throughput(L.Callback):
     in the forward) and peak GPU memory, logged (and printed by rank 0) every `every` optimizer
     steps. The first step (allocation, autotuning) is left out of the first window."""
 
-    def __init__(self, every: int = 10, peak_tflops: float = 790.0, print_stats: bool = True):
+    def __init__(self, every: int = 10, peak_tflops: float = PEAK_TFLOPS, print_stats: bool = True):
         super().__init__()
         self.every, self.peak, self.print_stats = every, peak_tflops * 1e12, print_stats
         self._t0: float | None = None

@@ -2,7 +2,7 @@
 
 from .attention import attention, set_backend
 from .control_branch import ControlBranch, ControlConfig, mix_residuals
-from .dit import DiT, DiTConfig, forward_flops
+from .dit import PEAK_TFLOPS, DiT, DiTConfig, forward_flops
 from .presets import PRESETS, NetConfig, preset
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "DiT",
     "DiTConfig",
     "forward_flops",
+    "PEAK_TFLOPS",
     "PRESETS",
     "NetConfig",
     "preset",

@@ -58,10 +58,16 @@ class DiTConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
 
 
+# The GPU peak MFU is reported against, in TFLOP/s: 790 is the dense-bf16 figure the peer
+# benchmark (`vidistill bench --peer diffusers`) has always divided by, so MFU numbers compare
+# across runs and with it (NVIDIA's H200 SXM datasheet lists 989 dense bf16 TFLOP/s).
+PEAK_TFLOPS = 790.0
+
+
 def forward_flops(dim: int, tokens: int, blocks: int, text_tokens: int = 512) -> float:
-    """Matmul FLOPs of one forward through `blocks` DiT blocks (the MFU convention of
-    ../shared/bench/peer_diffusers_cosmos.py): per token 2 (4 d^2 self-attn qkvo + 2 d^2 cross q/o
-    + 8 d^2 MLP) + 4 S d (QK^T and AV over S tokens) + 4 L d (cross-attention over L text tokens)."""
+    """Matmul FLOPs of one forward through `blocks` DiT blocks, counted as the peer benchmark
+    counts them: per token 2 (4 d^2 self-attn qkvo + 2 d^2 cross q/o + 8 d^2 MLP) + 4 S d
+    (QK^T and AV over S tokens) + 4 L d (cross-attention over L text tokens)."""
     per_token = 2 * (4 + 2 + 8) * dim * dim + 4 * tokens * dim + 4 * text_tokens * dim
     return blocks * tokens * per_token
 

@@ -4,7 +4,7 @@ warmup and DMD2. Recipes name them as `modules.stages.ControlTraining` etc."""
 import sys
 
 from . import control_training, dmd2, kd_warmup
-from .base import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec
+from .base import NetSpec, OptimSpec, Stage, StageOptions, TextSpec, TokenizerSpec
 from .control_training import ControlTraining, TimeSpec
 from .dmd2 import DMD2, CriticTime, GANSpec
 from .kd_warmup import KDWarmup
@@ -23,6 +23,7 @@ __all__ = [
     "NetSpec",
     "OptimSpec",
     "Stage",
+    "StageOptions",
     "TextSpec",
     "TimeSpec",
     "TokenizerSpec",

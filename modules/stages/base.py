@@ -6,7 +6,7 @@ trained network. Stages (modules/control.py, kd.py, dmd2.py) subclass `Stage`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import lightning as L
@@ -15,8 +15,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from datamodules.seeds import mix_seed
+
 from ..checkpoint import checkpoint_path, save_atomic
-from ..denoiser import Cond, Denoiser
+from ..denoiser import Cond, Denoiser, null_text
 from ..nets import NetConfig, preset
 from ..parallel import ShardingConfig, context_group, data_parallel_rank, shard_mesh, shard_model
 from ..sampling import GenerationSettings, Sampler, SamplerConfig, to_uint8, to_unit
@@ -73,12 +75,45 @@ class OptimSpec:
     min_lr_ratio: float = 0.1
 
 
+@dataclass
+class StageOptions:
+    """What every stage takes besides its networks, losses and optimizers (recipes: `options:`)."""
+
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    """The video tokenizer: encodes clips (batches may carry latents instead) and decodes samples."""
+    text: TextSpec = field(default_factory=TextSpec)
+    """The text encoder (batches may carry embeddings instead) and the text dropout."""
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    """FSDP2 mixed precision, activation checkpointing and compilation of every network."""
+    sampler: SamplerConfig | None = None
+    """How validation sample videos are generated; None: the stage's default (control training:
+    Euler, 20 steps, no CFG; KD and DMD2: the student's own t-list)."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the trained weights (e.g. 0.999); None: off."""
+    export_to: str | None = None
+    """Directory the trained network (its EMA if kept) is written to at the end of fit."""
+    seed: int = 0
+    """Weight init and every per-sample random draw."""
+    max_nonfinite_steps: int | None = 5
+    """Skipped steps in a row (non-finite loss or gradient on any rank) after which the run
+    checkpoints and stops; None: skip forever. 5 rides out a few bad batches in a row but stops a
+    diverged run within minutes."""
+
+    def __post_init__(self) -> None:
+        if self.max_nonfinite_steps is not None and self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1 or None, got {self.max_nonfinite_steps}")
+
+
+OPTIONS = tuple(f.name for f in fields(StageOptions))
+"""The StageOptions fields: flat keys of the stages' init arguments before they were grouped."""
+
+
 def allow_in_checkpoints(*classes: type) -> None:
     """Config dataclasses are saved as hyperparameters; let torch.load(weights_only=True) read them."""
     torch.serialization.add_safe_globals(list(classes))
 
 
-allow_in_checkpoints(NetSpec, TokenizerSpec, TextSpec, OptimSpec, ShardingConfig, SamplerConfig)
+allow_in_checkpoints(NetSpec, TokenizerSpec, TextSpec, OptimSpec, ShardingConfig, SamplerConfig, StageOptions)
 
 
 def lr_lambda(spec: OptimSpec):
@@ -95,11 +130,38 @@ def lr_lambda(spec: OptimSpec):
     return fn
 
 
+TRAINABLE = ("control", "all")
+"""What a stage trains of a network: its control branches only, or every weight."""
+
+
+def check_trainable(value: str, name: str = "trainable") -> None:
+    if value not in TRAINABLE:
+        raise ValueError(f"{name} must be control or all, got {value!r}")
+
+
+def adamw(params: list[torch.nn.Parameter], spec: OptimSpec):
+    """AdamW over `params` and its per-step learning-rate schedule (`lr_lambda`)."""
+    opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
+
+
+def draw_cond_frames(max_cond_frames: int, frames: int, generator: torch.Generator) -> torch.Tensor:
+    """One sample's number of leading clean conditioning latent frames, uniform in
+    0..min(max_cond_frames, frames - 1) (at least one frame is always generated); (1,) long."""
+    hi = min(max_cond_frames, frames - 1) + 1
+    return torch.randint(0, hi, (1,), generator=generator, device=generator.device)
+
+
+def cond_frame_mask(counts: list[torch.Tensor], frames: int) -> torch.Tensor:
+    """(B, T) bool, True on each sample's leading conditioning frames (`draw_cond_frames`)."""
+    k = torch.cat(counts)
+    return torch.arange(frames, device=k.device)[None] < k[:, None]
+
+
 def sample_generator(seed: int, step: int, index: int, device: torch.device) -> torch.Generator:
     """The random stream of one training sample: a function of (seed, step, global sample index)
     only, so a resumed run and a run on any number of ranks draw the same numbers."""
-    mixed = (seed * 1_000_003 + step) * 1_000_033 + index
-    return torch.Generator(device=device).manual_seed(mixed % (2**63))
+    return torch.Generator(device=device).manual_seed(mix_seed(seed, step, index))
 
 
 class NonFiniteError(RuntimeError):
@@ -118,37 +180,26 @@ class Stage(L.LightningModule):
     schedule and the data position move on), so the per-sample random streams stay as they were.
     """
 
-    def __init__(
-        self,
-        tokenizer: TokenizerSpec,
-        text: TextSpec,
-        optim: OptimSpec,
-        sharding: ShardingConfig,
-        seed: int,
-        ema_decay: float | None = None,
-        export_to: str | None = None,
-        max_nonfinite_steps: int | None = 5,
-    ):
+    def __init__(self, options: StageOptions, optim: OptimSpec, default_sampler: SamplerConfig):
         super().__init__()
-        self.tok_spec, self.text_spec, self.optim_spec, self.sharding, self.seed = (
-            tokenizer,
-            text,
-            optim,
-            sharding,
-            seed,
+        self.options, self.optim_spec = options, optim
+        # the options by their own names, as the stages read them
+        self.tok_spec, self.text_spec, self.sharding, self.seed = (
+            options.tokenizer,
+            options.text,
+            options.sharding,
+            options.seed,
         )
-        self.ema_decay, self.export_to = ema_decay, export_to
-        if max_nonfinite_steps is not None and max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps must be >= 1 or None, got {max_nonfinite_steps}")
-        self.max_nonfinite_steps = max_nonfinite_steps
+        self.ema_decay, self.export_to = options.ema_decay, options.export_to
+        self.max_nonfinite_steps = options.max_nonfinite_steps
+        self.sampler = options.sampler or default_sampler
         self.nonfinite_total = self.nonfinite_run = 0  # skipped steps: since the start, in a row now
         self._loss_bad: torch.Tensor | None = None  # this rank's losses since the last optimizer step
         self._skipped_step = False  # the last optimizer step was skipped
         self.ema: EMAWeights | None = None
-        self.tokenizer = (
-            None if tokenizer.kind == "none" else build_tokenizer(tokenizer.kind, tokenizer.path, **tokenizer.options)
-        )
-        self.text_encoder = build_text_encoder(text.encoder, text.max_length)
+        tok = options.tokenizer
+        self.tokenizer = None if tok.kind == "none" else build_tokenizer(tok.kind, tok.path, **tok.options)
+        self.text_encoder = build_text_encoder(options.text.encoder, options.text.max_length)
 
     # --- networks -----------------------------------------------------------------------------
 
@@ -214,7 +265,7 @@ class Stage(L.LightningModule):
         elif trainable == "all":
             model.requires_grad_(True)
         elif trainable is not None:
-            raise ValueError(f"trainable must be control or all, got {trainable!r}")
+            check_trainable(trainable)
         shard_model(model, self.mesh(), self.sharding)
         model.set_context_parallel(context_group(self.device_mesh))
         model.to_empty(device=self.build_device())
@@ -375,16 +426,6 @@ class Stage(L.LightningModule):
         rank, world = self.data_rank()
         return (micro * world + rank) * batch_size + i
 
-    def null_text(self, text: torch.Tensor, mask: torch.Tensor):
-        """The null text of the whole batch: CFG's unconditional branch as training dropped to it."""
-        return self.drop_text(text, mask, torch.ones(len(text), dtype=torch.bool, device=text.device))
-
-    def drop_text(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
-        """Null text (zeros, all positions visible: cross-attention then adds exactly 0) where drop."""
-        keep = (~drop).view(-1, 1, 1).to(text.dtype)
-        mask = torch.where(drop.view(-1, 1), torch.ones_like(mask), mask)
-        return text * keep, mask
-
     def tokens_per_sample(self, batch: dict) -> int:
         """DiT tokens of one sample (for throughput): latent frames x patches."""
         cfg = self.trained_model().cfg.dit
@@ -421,11 +462,12 @@ class Stage(L.LightningModule):
         x0 = self.latents(batch, "video")
         text, mask = self.text(batch)
         controls = {self.modality: self.latents(batch, "control")} if self.modality and use_control else {}
-        null, null_mask = self.null_text(text, mask)
+        null, null_mask = null_text(text, mask)
         cond = Cond(
             text=text, text_mask=mask, neg_text=null, neg_text_mask=null_mask, controls=controls, fps=self.fps(batch)
         )
-        g = torch.Generator(device=x0.device).manual_seed(seed + 7919 * self.data_rank()[0])
+        # each data-parallel rank its own stream (stride 7919: the streams these samples always had)
+        g = torch.Generator(device=x0.device).manual_seed(mix_seed(self.data_rank()[0], seed, strides=(7919,)))
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         latents = Sampler(self.trained_model()).sample(cond, noise, sampler, generator=g)
         return to_uint8(self.tokenizer.decode(latents))
@@ -436,12 +478,10 @@ class Stage(L.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        spec = self.optim_spec
         params = self.trainable_parameters()
         if not params:
             raise ValueError("nothing to train: no parameter requires grad")
-        opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
+        opt, sched = adamw(params, self.optim_spec)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- export ---------------------------------------------------------------------------------

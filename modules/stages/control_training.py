@@ -13,10 +13,19 @@ from dataclasses import dataclass
 import torch
 
 from .. import flow
-from ..denoiser import Cond
-from ..parallel import ShardingConfig
+from ..denoiser import Cond, drop_text
 from ..sampling import SamplerConfig
-from .base import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, allow_in_checkpoints, sample_generator
+from .base import (
+    NetSpec,
+    OptimSpec,
+    Stage,
+    StageOptions,
+    allow_in_checkpoints,
+    check_trainable,
+    cond_frame_mask,
+    draw_cond_frames,
+    sample_generator,
+)
 
 
 @dataclass
@@ -42,53 +51,41 @@ class ControlTraining(Stage):
         net: NetSpec = NetSpec(),
         modality: str | None = "edge",
         trainable: str = "control",
-        tokenizer: TokenizerSpec = TokenizerSpec(),
-        text: TextSpec = TextSpec(),
         time: TimeSpec = TimeSpec(),
         max_cond_frames: int = 2,
         optim: OptimSpec = OptimSpec(),
-        sharding: ShardingConfig = ShardingConfig(),
-        sampler: SamplerConfig = SamplerConfig(steps=20, guidance=0.0),
-        ema_decay: float | None = None,
-        export_to: str | None = None,
-        seed: int = 0,
-        max_nonfinite_steps: int | None = 5,
+        options: StageOptions = StageOptions(),
     ):
         """
         Args:
             net: the network (preset or a saved Denoiser directory to start from).
-            modality: the control trained in this run (edge, blur, depth, seg, keypoint); none with trainable base.
-            trainable: control (frozen base, control branch trained) or base (train the base itself, no control).
-            tokenizer: the video tokenizer (ignored for batches with precomputed latents).
-            text: the text encoder (ignored for batches with precomputed text embeddings) and text dropout.
+            modality: the control trained in this run (edge, blur, depth, seg, keypoint); none trains a
+                plain base (no control branch).
+            trainable: control (frozen base, the control branch trained) or all (every weight: the base
+                from scratch when modality is none). The vocabulary of every stage; "base", its old
+                spelling here, means all with no modality.
             time: training-time sampling.
             max_cond_frames: each sample gets 0..K leading clean conditioning latent frames.
             optim: AdamW and its learning-rate schedule.
-            sharding: FSDP2 mixed precision and activation checkpointing.
-            sampler: how validation sample videos are generated (Sampler).
-            ema_decay: keep an exponential moving average of the trained weights (e.g. 0.999); none: off.
-            export_to: directory where the trained network (its EMA if kept) is written at the end of fit.
-            seed: weight init and every per-sample random draw.
-            max_nonfinite_steps: skipped steps in a row (non-finite loss or gradient on any rank)
-                after which the run checkpoints and stops; None: skip forever. 5 rides out a few
-                bad batches in a row but stops a diverged run within minutes.
+            options: what every stage shares (StageOptions): tokenizer, text encoder, sharding,
+                validation sampler, EMA, export directory, seed, non-finite stop.
         """
-        super().__init__(tokenizer, text, optim, sharding, seed, ema_decay, export_to, max_nonfinite_steps)
-        if trainable not in ("control", "base"):
-            raise ValueError(f"trainable must be control or base, got {trainable!r}")
+        super().__init__(options, optim, SamplerConfig(steps=20, guidance=0.0))
+        if trainable == "base":
+            trainable, modality = "all", None
+        check_trainable(trainable)
         if trainable == "control" and not modality:
             raise ValueError("control training needs a modality (edge, blur, depth, seg, keypoint)")
         self.save_hyperparameters()
         self.net_spec, self.trainable, self.time, self.max_cond_frames = net, trainable, time, max_cond_frames
-        self.modality = modality if trainable == "control" else None
-        self.sampler = sampler
+        self.modality = modality
         self.model = None
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         modalities = [self.modality] if self.modality else []
-        self.model = self.build_denoiser(self.net_spec, modalities, "control" if self.modality else "all")
+        self.model = self.build_denoiser(self.net_spec, modalities, self.trainable)
         self.track_ema(self.model)
 
     # --- the loss -------------------------------------------------------------------------------
@@ -113,9 +110,9 @@ class ControlTraining(Stage):
                     device=x0.device,
                 )
             )
-            k.append(torch.randint(0, min(self.max_cond_frames, T - 1) + 1, (1,), generator=g, device=x0.device))
+            k.append(draw_cond_frames(self.max_cond_frames, T, g))
             drop.append(torch.rand(1, generator=g, device=x0.device) < self.text_spec.dropout)
-        frames = torch.arange(T, device=x0.device)[None] < torch.cat(k)[:, None]
+        frames = cond_frame_mask(k, T)
         return torch.stack(eps), torch.cat(t), frames, torch.cat(drop)
 
     def loss(self, batch: dict, step: int, micro: int = 0, train: bool = True) -> torch.Tensor:
@@ -124,7 +121,7 @@ class ControlTraining(Stage):
         text, mask = self.text(batch)
         eps, t, frames, drop = self.draws(x0, step, micro)
         if train:
-            text, mask = self.drop_text(text, mask, drop)
+            text, mask = drop_text(text, mask, drop)
         controls = {self.modality: self.latents(batch, "control")} if self.modality else {}
         x_t = flow.add_noise(x0, eps, t)
         cond = Cond(

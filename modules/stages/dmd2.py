@@ -19,11 +19,22 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import distill, flow
-from ..denoiser import Cond, Denoiser
+from ..denoiser import Cond, Denoiser, null_text
 from ..nets.gan import GANHead, GANHeadConfig
-from ..parallel import ShardingConfig, shard_head
+from ..parallel import shard_head
 from ..sampling import SamplerConfig, guided
-from .base import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, allow_in_checkpoints, lr_lambda, sample_generator
+from .base import (
+    NetSpec,
+    OptimSpec,
+    Stage,
+    StageOptions,
+    adamw,
+    allow_in_checkpoints,
+    check_trainable,
+    cond_frame_mask,
+    draw_cond_frames,
+    sample_generator,
+)
 
 
 @dataclass
@@ -74,14 +85,7 @@ class DMD2(Stage):
         micro_batches: int = 1,
         gradient_clip: float | None = 1.0,
         max_cond_frames: int = 0,
-        tokenizer: TokenizerSpec = TokenizerSpec(),
-        text: TextSpec = TextSpec(),
-        sharding: ShardingConfig = ShardingConfig(),
-        sampler: SamplerConfig = SamplerConfig(sampler="student"),
-        ema_decay: float | None = None,
-        export_to: str | None = None,
-        seed: int = 0,
-        max_nonfinite_steps: int | None = 5,
+        options: StageOptions = StageOptions(),
     ):
         """
         Args:
@@ -105,20 +109,11 @@ class DMD2(Stage):
                 (Trainer.gradient_clip_val does not apply: the stage steps its optimizers itself.)
             max_cond_frames: each sample gets 0..K leading clean latent frames of its real clip as
                 conditioning for every network (chunk chaining); they are masked out of every loss.
-            tokenizer: encodes videos (or batches carry latents) and decodes sample videos.
-            text: the text encoder (or batches carry embeddings).
-            sharding: FSDP2 mixed precision and activation checkpointing of all networks.
-            sampler: how validation sample videos are generated (the student's t-list).
-            ema_decay: keep an EMA of the student (e.g. 0.999; Transfer2.5 keeps one); none: off.
-            export_to: where the student (its EMA if kept) is written at the end of fit.
-            seed: turn draws (exit step, noise, times).
-            max_nonfinite_steps: skipped turns in a row (non-finite loss or gradient on any rank)
-                after which the run checkpoints and stops; None: skip forever. 5 rides out a few
-                bad batches in a row but stops a diverged run within minutes.
+            options: what every stage shares (StageOptions): tokenizer, text encoder, sharding,
+                validation sampler, EMA, export directory, seed, non-finite stop.
         """
-        super().__init__(tokenizer, text, student_optim, sharding, seed, ema_decay, export_to, max_nonfinite_steps)
-        if student_trainable not in ("all", "control"):
-            raise ValueError(f"student_trainable must be all or control, got {student_trainable!r}")
+        super().__init__(options, student_optim, SamplerConfig(sampler="student"))
+        check_trainable(student_trainable, "student_trainable")
         if gan.features not in ("fake_score", "teacher"):
             raise ValueError(f"gan.features must be fake_score or teacher, got {gan.features!r}")
         if micro_batches < 1 or student_update_freq < 1:
@@ -131,9 +126,8 @@ class DMD2(Stage):
         self.guidance, self.negative_prompt, self.freq = guidance, negative_prompt, student_update_freq
         self.critic_time, self.gan, self.critic_optim = critic_time, gan, critic_optim
         self.micro_batches, self.gradient_clip, self.max_cond_frames = micro_batches, gradient_clip, max_cond_frames
-        self.sampler = (
-            replace(sampler, t_list=tuple(t_list), shift=t_shift) if sampler.sampler == "student" else sampler
-        )
+        if self.sampler.sampler == "student":  # validation samples run the student on its own t-list
+            self.sampler = replace(self.sampler, t_list=tuple(t_list), shift=t_shift)
         self.student = self.teacher = self.fake_score = self.gan_head = None
         self._neg: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -166,10 +160,6 @@ class DMD2(Stage):
         return params + (list(self.gan_head.parameters()) if self.gan_head is not None else [])
 
     def configure_optimizers(self):
-        def adamw(params, spec: OptimSpec):
-            opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
-            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
-
         s_opt, s_sched = adamw([p for p in self.student.parameters() if p.requires_grad], self.optim_spec)
         c_opt, c_sched = adamw(self.critic_parameters(), self.critic_optim)
         return [s_opt, c_opt], [s_sched, c_sched]
@@ -179,7 +169,7 @@ class DMD2(Stage):
     def negative(self, text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's unconditional text: the negative prompt, or the null text."""
         if self.negative_prompt is None:
-            return self.null_text(text, mask)
+            return null_text(text, mask)
         if self._neg is None:
             if self.text_encoder is None:
                 raise ValueError("negative_prompt needs a text encoder (text.encoder is none)")
@@ -207,9 +197,10 @@ class DMD2(Stage):
                         1, self.critic_time.shift, g, self.critic_time.t_min, self.critic_time.t_max, device=x0.device
                     )
                 )
-            out["k"].append(torch.randint(0, min(self.max_cond_frames, T - 1) + 1, (1,), generator=g, device=x0.device))
+            out["k"].append(draw_cond_frames(self.max_cond_frames, T, g))
+        counts = out.pop("k")
         d = {k: torch.stack(v) if k.startswith(("noise", "eps")) else torch.cat(v) for k, v in out.items()}
-        d["frames"] = torch.arange(T, device=x0.device)[None] < d.pop("k")[:, None]  # (B, T) conditioning
+        d["frames"] = cond_frame_mask(counts, T)  # (B, T) conditioning
         return d
 
     def student_sample(self, cond: Cond, noise: torch.Tensor, turn: int, micro: int) -> torch.Tensor:

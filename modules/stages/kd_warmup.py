@@ -15,9 +15,8 @@ import torch
 from .. import flow
 from ..denoiser import Cond
 from ..distill import kd_loss
-from ..parallel import ShardingConfig
 from ..sampling import SamplerConfig
-from .base import NetSpec, OptimSpec, Stage, TextSpec, TokenizerSpec, sample_generator
+from .base import NetSpec, OptimSpec, Stage, StageOptions, check_trainable, sample_generator
 
 
 class KDWarmup(Stage):
@@ -28,15 +27,8 @@ class KDWarmup(Stage):
         t_list: tuple[float, ...] = flow.STUDENT_T_LIST,
         t_shift: float = 5.0,
         trainable: str = "all",
-        tokenizer: TokenizerSpec = TokenizerSpec(),
-        text: TextSpec = TextSpec(),
         optim: OptimSpec = OptimSpec(lr=1e-5),
-        sharding: ShardingConfig = ShardingConfig(),
-        sampler: SamplerConfig = SamplerConfig(sampler="student"),
-        ema_decay: float | None = None,
-        export_to: str | None = None,
-        seed: int = 0,
-        max_nonfinite_steps: int | None = 5,
+        options: StageOptions = StageOptions(),
     ):
         """
         Args:
@@ -46,30 +38,19 @@ class KDWarmup(Stage):
                 be the t-list the KD data was made for (checked against each batch).
             t_shift: shift of the t-list.
             trainable: all (base + control) or control (the control branch only).
-            tokenizer: decodes sample videos (KD batches carry latents).
-            text: text encoder (KD batches carry the teacher's embeddings).
             optim: AdamW and its schedule.
-            sharding: FSDP2 mixed precision and activation checkpointing.
-            sampler: how validation sample videos are generated (the student's t-list).
-            ema_decay: keep an EMA of the student (e.g. 0.999); none: off.
-            export_to: where the student (its EMA if kept) is written at the end of fit.
-            seed: per-sample draws of the training state.
-            max_nonfinite_steps: skipped steps in a row (non-finite loss or gradient on any rank)
-                after which the run checkpoints and stops; None: skip forever. 5 rides out a few
-                bad batches in a row but stops a diverged run within minutes.
+            options: what every stage shares (StageOptions): tokenizer, text encoder, sharding,
+                validation sampler, EMA, export directory, seed, non-finite stop.
         """
-        super().__init__(tokenizer, text, optim, sharding, seed, ema_decay, export_to, max_nonfinite_steps)
-        if trainable not in ("all", "control"):
-            raise ValueError(f"trainable must be all or control, got {trainable!r}")
+        super().__init__(options, optim, SamplerConfig(sampler="student"))
+        check_trainable(trainable)
         if not t_list:
             raise ValueError("t_list needs at least one time")
         self.save_hyperparameters()
         self.student_spec, self.modality, self.trainable = student, modality, trainable
         self.times = flow.student_t_list(t_list, t_shift)
-        # validation samples run the student on its own t-list
-        self.sampler = (
-            replace(sampler, t_list=tuple(t_list), shift=t_shift) if sampler.sampler == "student" else sampler
-        )
+        if self.sampler.sampler == "student":  # validation samples run the student on its own t-list
+            self.sampler = replace(self.sampler, t_list=tuple(t_list), shift=t_shift)
         self.model = None
 
     def configure_model(self) -> None:
@@ -78,7 +59,7 @@ class KDWarmup(Stage):
         self.model = self.build_denoiser(self.student_spec, [self.modality] if self.modality else [], self.trainable)
         self.track_ema(self.model)
 
-    def inputs(self, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(self, batch: dict, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's input state and its time per sample: pure noise at t = 1 for a 1-step
         student, else the teacher's saved state at a t_k drawn from each sample's own stream."""
         noise = batch["kd_noise"].float()
@@ -98,24 +79,18 @@ class KDWarmup(Stage):
                 f"the KD data holds states at t = {t_all[0].tolist()}, the student's t-list is "
                 f"{list(self.times)}: remake the data or fix t_list / t_shift"
             )
-        ks = [
-            int(
-                torch.randint(
-                    len(self.times),
-                    (1,),
-                    generator=sample_generator(self.seed, step, self.sample_index(i, B), noise.device),
-                    device=noise.device,
-                )
-            )
-            for i in range(B)
-        ]
+        ks = []
+        for i in range(B):  # each sample's own stream, as in every stage (accumulation included)
+            g = sample_generator(self.seed, step, self.sample_index(i, B, micro), noise.device)
+            ks.append(int(torch.randint(len(self.times), (1,), generator=g, device=noise.device)))
         idx = torch.arange(B, device=noise.device)
         k = torch.tensor(ks, device=noise.device)
         return batch["kd_states"].float()[idx, k], t_all[idx, k]
 
-    def loss(self, batch: dict, step: int) -> torch.Tensor:
-        """0.5 * MSE(student x0 from the saved state, teacher x0), averaged over the batch."""
-        x_t, t = self.inputs(batch, step)
+    def loss(self, batch: dict, step: int, micro: int = 0) -> torch.Tensor:
+        """0.5 * MSE(student x0 from the saved state, teacher x0), averaged over the batch;
+        `micro` is the accumulation micro-batch of the optimizer step (Stage.sample_index)."""
+        x_t, t = self.inputs(batch, step, micro)
         text, mask = self.text(batch)
         controls = {self.modality: self.latents(batch, "control")} if self.modality else {}
         cond = Cond(text=text, text_mask=mask, controls=controls, fps=self.fps(batch))
@@ -123,7 +98,7 @@ class KDWarmup(Stage):
         return kd_loss(x0, batch["latent"].float()).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self.global_step)
+        loss = self.loss(batch, self.global_step, batch_idx % self.trainer.accumulate_grad_batches)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log_skipped(batch)
         return loss

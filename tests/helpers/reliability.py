@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from modules.stages.base import OPTIONS
+
 ROOT = Path(__file__).resolve().parents[2]
 FRAMES, SIZE = 4, 16
 PIXEL = {"kind": "pixel", "options": {"spatial": 2}}  # 12 latent channels
@@ -99,46 +101,45 @@ def recipe(
     """Write `root/recipe.yaml` for `stage` (control, kd or dmd2): `steps` optimizer steps,
     an (atomic, via the CLI) checkpoint every `every` steps plus last, losses recorded by Faults."""
     root.mkdir(parents=True, exist_ok=True)
-    common = {"tokenizer": PIXEL, "sharding": FP32, "seed": 0, "export_to": str(root / "export")}
+
+    def options(**kw) -> dict:  # the StageOptions every stage takes
+        return {"options": {"tokenizer": PIXEL, "sharding": FP32, "seed": 0, "export_to": str(root / "export"), **kw}}
+
     models = {
         "control": {
             "class_path": "modules.stages.ControlTraining",
             "init_args": dict(
-                common,
+                options(text={"encoder": "tiny", "max_length": 16}, ema_decay=0.9),
                 modality="edge",
-                text={"encoder": "tiny", "max_length": 16},
                 optim={"lr": 1e-3, "warmup_steps": 1},
-                ema_decay=0.9,
             ),
         },
         "kd": {
-            "class_path": "modules.kd.KDWarmup",
+            "class_path": "modules.stages.KDWarmup",
             "init_args": dict(
-                common,
+                options(text={"encoder": "none"}),
                 student={"init_from": teacher_dir},
                 modality="edge",
-                text={"encoder": "none"},
                 optim={"lr": 1e-3, "warmup_steps": 1},
             ),
         },
         "dmd2": {
-            "class_path": "modules.dmd2.DMD2",
+            "class_path": "modules.stages.DMD2",
             "init_args": dict(
-                common,
+                options(text={"encoder": "tiny", "max_length": 16}, ema_decay=0.9),
                 teacher={"init_from": teacher_dir},
                 modality="edge",
                 guidance=1.0,
                 student_update_freq=3,
-                text={"encoder": "tiny", "max_length": 16},
                 gan={"weight": 0.1, "critic_weight": 0.1, "taps": [1], "hidden": 16},
                 student_optim={"lr": 1e-3, "warmup_steps": 1},
                 critic_optim={"lr": 1e-3, "warmup_steps": 1},
-                ema_decay=0.9,
             ),
         },
     }
     m = models[stage]
-    m["init_args"].update(model or {})
+    for key, value in (model or {}).items():  # StageOptions fields go under options
+        (m["init_args"]["options"] if key in OPTIONS else m["init_args"])[key] = value
     dm = {
         "train_shards": data,
         "batch_size": 2,

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from modules.parallel import ShardingConfig
-from modules.stages.base import NetSpec, OptimSpec, TextSpec
+from modules.stages.base import NetSpec, OptimSpec, StageOptions, TextSpec
 from modules.stages.control_training import ControlTraining
 from tests.helpers.latents import loader
 
@@ -60,9 +60,11 @@ def main():
     module = ControlTraining(
         net=NetSpec("tiny"),
         modality="edge",
-        text=TextSpec(encoder="none"),
         optim=OptimSpec(lr=1e-3, warmup_steps=1),
-        sharding=ShardingConfig(param_dtype="none", reduce_dtype="float32", checkpointing=a.checkpointing),
+        options=StageOptions(
+            text=TextSpec(encoder="none"),
+            sharding=ShardingConfig(param_dtype="none", reduce_dtype="float32", checkpointing=a.checkpointing),
+        ),
     )
     rec = Record()
     callbacks = [rec]
