@@ -14,7 +14,7 @@ from modules.denoiser import Cond, Denoiser
 from modules.nets import preset
 from modules.nets.dit import checkpoint_plan
 from modules.parallel import ShardingConfig, blocks_in_order, set_compile, shard_model
-from tools.bench import Variant, parse_variants
+from tools.bench.common import Variant, parse_variants
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

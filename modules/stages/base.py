@@ -447,6 +447,19 @@ class Stage(L.LightningModule):
         """One fps per batch (RoPE is per batch); the datamodule delivers clips at one rate."""
         return float(batch["fps"][0]) if "fps" in batch else None
 
+    # --- one optimizer step ----------------------------------------------------------------------
+
+    def loss(self, batch: dict, step: int, micro: int = 0) -> torch.Tensor:
+        """The batch's mean loss at optimizer step `step`, accumulation micro-batch `micro` (the
+        per-sample random streams depend on both). Stages with one optimizer implement it."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch, self.global_step, batch_idx % self.trainer.accumulate_grad_batches)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log_skipped(batch)
+        return loss
+
     # --- samples ----------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -131,12 +131,6 @@ class ControlTraining(Stage):
         keep = (~frames)[:, None, :, None, None]
         return flow.velocity_loss(x0_pred, x0, x_t, t, keep).mean()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self.global_step, batch_idx % self.trainer.accumulate_grad_batches)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self.log_skipped(batch)
-        return loss
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # a fixed random stream per validation batch, different from every training step's
         loss = self.loss(batch, step=-1 - batch_idx, train=False)

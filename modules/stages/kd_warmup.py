@@ -97,11 +97,5 @@ class KDWarmup(Stage):
         x0 = self.model.denoise(x_t, t, cond)
         return kd_loss(x0, batch["latent"].float()).mean()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self.global_step, batch_idx % self.trainer.accumulate_grad_batches)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self.log_skipped(batch)
-        return loss
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.log("val/loss", self.loss(batch, step=-1 - batch_idx), prog_bar=True, sync_dist=True)

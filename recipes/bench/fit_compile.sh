@@ -5,7 +5,7 @@ set -x
 # latent shards (recipes/bench/fit-latent.yaml); then both runs' per-step losses side by side.
 # Run: GPUS=2 SHAPE=16x24x60x104 bash recipes/bench/fit_compile.sh   (results land in $OUT)
 # EXTRA takes more fit arguments, e.g. a CPU smoke run: SHAPE=16x3x8x8 TEXT=16x32 EXTRA="--model.init_args.net.preset
-# tiny --trainer.accelerator cpu --model.init_args.sharding.param_dtype float32"
+# tiny --trainer.accelerator cpu --model.init_args.options.sharding.param_dtype float32"
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/fitbench}; GPUS=${GPUS:-1}; STEPS=${STEPS:-16}; SHAPE=${SHAPE:-16x24x60x104}  # 480p x 93 f
 TEXT=${TEXT:-512x1024}
@@ -17,7 +17,7 @@ for c in false true; do
   run=$OUT/gpus$GPUS-$SHAPE-compile-$c
   torchrun --standalone --nproc_per_node $GPUS -m tools.cli fit --config recipes/transfer2.5-2b/edge/control.yaml \
       --config recipes/bench/fit-latent.yaml --trainer.devices $GPUS --trainer.max_steps $STEPS \
-      --data.init_args.train_shards $OUT/lat-$SHAPE --model.init_args.sharding.compile $c \
+      --data.init_args.train_shards $OUT/lat-$SHAPE --model.init_args.options.sharding.compile $c \
       --trainer.default_root_dir $run --trainer.logger.init_args.save_dir $run $EXTRA 2>&1 | grep -v Warning | tail -25
 done
 python3 - "$OUT" "$GPUS" "$SHAPE" <<'PY'

@@ -52,7 +52,7 @@ def run(model: Denoiser, frames: int, upcast: bool = False):
     gradients; `upcast`: the same (bf16-rounded) inputs in fp32."""
     x, t, cond, w = inputs(frames)
     if upcast:
-        from tools.bench_dmd2 import _cast
+        from tools.bench.dmd2_stage import _cast
 
         x, cond, w = x.detach().float().requires_grad_(True), _cast(cond, torch.float32), w.float()
     out = model.denoise(x, t, cond)

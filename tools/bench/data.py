@@ -207,14 +207,7 @@ def bench_data(
                 videos, source = _synth_sources(Path(tmp), h, w, num_frames)
                 print(f"# {name}: {source} (made in {time.perf_counter() - t0:.1f} s)")
             for on in edges:
-                jobs = [(videos, h, w, num_frames, on, seconds, 17 * i + 1) for i in range(workers)]
-                if workers == 1:
-                    results = [_loop(jobs[0])]
-                else:
-                    with mp.get_context("fork").Pool(workers) as pool:
-                        results = pool.map(_loop, jobs)
-                clips = sum(n for n, _ in results)
-                elapsed = max(e for _, e in results)
+                clips, elapsed = _run_workers(videos, h, w, num_frames, on, seconds, workers)
                 row = {
                     "resolution": name,
                     "height": h,
@@ -234,12 +227,32 @@ def bench_data(
                 print(json.dumps(row))
                 rows.append(row)
     print()
-    print("| resolution | frames | edge | workers | clips/s per worker | ms per clip | frames/s per worker |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['resolution']} ({r['height']}x{r['width']}) | {r['frames']} | {'on' if r['edge'] else 'off'} | "
-            f"{r['workers']} | {r['clips_per_s_per_worker']:.2f} | {r['ms_per_clip']:.0f} | "
-            f"{r['frames_per_s_per_worker']:.0f} |"
-        )
+    print(format_table(rows))
     return rows
+
+
+def _run_workers(
+    videos: list[bytes], height: int, width: int, num_frames: int, edge: bool, seconds: float, workers: int
+) -> tuple[int, float]:
+    """(clips loaded by all workers, the longest worker's elapsed seconds)."""
+    jobs = [(videos, height, width, num_frames, edge, seconds, 17 * i + 1) for i in range(workers)]
+    if workers == 1:
+        results = [_loop(jobs[0])]
+    else:
+        with mp.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_loop, jobs)
+    return sum(n for n, _ in results), max(e for _, e in results)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| resolution | frames | edge | workers | clips/s per worker | ms per clip | frames/s per worker |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['resolution']} ({r['height']}x{r['width']}) | {r['frames']} | {'on' if r['edge'] else 'off'} | "
+        f"{r['workers']} | {r['clips_per_s_per_worker']:.2f} | {r['ms_per_clip']:.0f} | "
+        f"{r['frames_per_s_per_worker']:.0f} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
