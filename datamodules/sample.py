@@ -27,6 +27,7 @@ from datamodules.controls import (
     mask_video,
     render_keypoints,
 )
+from datamodules.formats import TEXT_MEMBER, load_text
 
 __all__ = ["SAMPLE_ERRORS", "SampleLoader", "check_fits", "collate"]
 
@@ -67,13 +68,12 @@ class SampleLoader:
         meta = _json(raw)
         out: dict[str, Any] = {"key": raw["__key__"], "caption": _caption(raw, meta)}
         if self.use_text_embeddings:
-            t = _tensors(raw["text.safetensors"], "text.safetensors")
-            emb, mask = t["emb"], t["mask"]
-            if emb.ndim != 2 or mask.shape != (emb.shape[0],):
+            emb, mask = load_text(raw[TEXT_MEMBER])
+            if emb.ndim != 2:
                 raise ValueError(
-                    f"text.safetensors: emb {tuple(emb.shape)} / mask {tuple(mask.shape)}, want (L, D) / (L,)"
+                    f"{TEXT_MEMBER}: emb {tuple(emb.shape)} / mask {tuple(mask.shape)}, want (L, D) / (L,)"
                 )
-            out["text_emb"], out["text_mask"] = emb, mask.bool()
+            out["text_emb"], out["text_mask"] = emb, mask
         if self.use_kd and self._kd(raw, out):
             out["fps"] = self._clip_fps(_fps_from(meta, raw))
             return out

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from .seeds import mix_seed
+
 __all__ = [
     "SHAPES",
     "SHAPE_COLOURS",
@@ -349,11 +351,12 @@ def write_latent_shards(
     import torch
     from safetensors.torch import save as st_save
 
+    from datamodules.formats import TEXT_MEMBER, save_text
     from datamodules.writer import write_shards
 
-    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    store = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(store, torch.dtype) or not store.is_floating_point:
+        raise ValueError(f"dtype must name a torch float dtype (bfloat16, float16, float32), got {dtype!r}")
     latent_shape, text_shape = tuple(int(v) for v in latent_shape), tuple(int(v) for v in text_shape)
     if len(latent_shape) != 4 or len(text_shape) != 2 or min(latent_shape + text_shape) < 1:
         raise ValueError(f"latent_shape must be (C, T, H, W) and text_shape (L, D), got {latent_shape}, {text_shape}")
@@ -364,16 +367,16 @@ def write_latent_shards(
     meta = json.dumps({"caption": "synthetic", "fps": float(fps), "source": "synthetic latent"}).encode()
 
     def build(key: str) -> list[tuple[str, bytes]]:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + int(key.rsplit("-", 1)[1]))
-        rand = lambda shape: torch.randn(shape, generator=gen).to(dtypes[dtype])  # noqa: E731
+        gen = torch.Generator().manual_seed(mix_seed(seed, int(key.rsplit("-", 1)[1])))
+        rand = lambda shape: torch.randn(shape, generator=gen).to(store)  # noqa: E731
         latents = {"latent": rand(latent_shape)}
         for m in control_modalities:
             latents[f"control.{m}"] = rand(latent_shape)
-        text = {"emb": rand(text_shape), "mask": torch.ones(text_shape[0], dtype=torch.uint8)}
+        text = save_text(rand(text_shape), torch.ones(text_shape[0], dtype=torch.uint8))
         return [
             ("txt", b"synthetic"),
             ("json", meta),
-            ("text.safetensors", st_save(text)),
+            (TEXT_MEMBER, text),
             ("latent.safetensors", st_save(latents)),
         ]
 

@@ -1,11 +1,15 @@
-"""Writing webdataset shards resumably and crash-safely (used by make-shards, encode-text and the
-synthetic datasets).
+"""Writing webdataset shards resumably and crash-safely (used by make-shards, encode-text,
+make-kd-data and the synthetic datasets).
 
-Shard ``i`` always holds the same planned samples (``samples_per_shard`` consecutive ones of the
-sorted list); each shard is written to ``name.tar.tmp`` and renamed when complete, so a file under
-a final name is always whole; ``index.json`` is rewritten after every finished shard. A rerun
-keeps every shard that index.json records with the same planned keys and options (or, with no
-index.json at all, every shard whose keys are the planned ones) and writes the rest.
+Each shard is written to ``name.tar.tmp`` and renamed when complete, so a file under a final name
+is always whole; ``index.json`` is rewritten after every finished shard. Two writers:
+
+* `write_shards`: a planned list of samples. Shard ``i`` always holds the same planned samples
+  (``samples_per_shard`` consecutive ones of the sorted list). A rerun keeps every shard that
+  index.json records with the same planned keys and options (or, with no index.json at all,
+  every shard whose keys are the planned ones) and writes the rest.
+* `add_to_shards`: existing shards with new members per sample, one output shard per input shard
+  (encode-text). A rerun keeps every output shard index.json records with the same options.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import os
 import tarfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,12 @@ __all__ = [
     "INDEX",
     "SkipSample",
     "TarOut",
+    "add_to_shards",
     "config_digest",
+    "member_exts",
+    "output_names",
     "read_index",
+    "read_tar_samples",
     "shard_name",
     "tar_keys",
     "write_index",
@@ -46,7 +54,7 @@ class SkipSample(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# Tar and index primitives (shared with tools/encode_text.py)
+# Tar and index primitives
 # --------------------------------------------------------------------------------------------
 
 
@@ -176,54 +184,17 @@ def write_shards(
     Returns:
         The shard paths, in order.
     """
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    if not keys:
-        raise ValueError("no samples to write")
-    if len(set(keys)) != len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
-        raise ValueError(f"sample keys are not unique: {dup}")
-    if not prefix or "/" in prefix or "." in prefix:
-        raise ValueError(f"prefix must be a plain name without '/' or '.', got {prefix!r}")
+    _check_plan(keys, samples_per_shard, prefix)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     old = read_index(out)
-    if old is not None:
-        others = sorted({e["name"] for e in old["shards"] if not str(e.get("name", "")).startswith(prefix + "-")})
-        if others:
-            raise ValueError(
-                f"{out} already holds shards of another prefix ({others[0]}, ...); write each split to its own folder"
-            )
-    old_entries = {e["name"]: e for e in (old or {}).get("shards", [])}
+    _check_prefix(out, old, prefix)
     n_shards = -(-len(keys) // samples_per_shard)
     plans = [list(keys[i * samples_per_shard : (i + 1) * samples_per_shard]) for i in range(n_shards)]
     names = [shard_name(prefix, i) for i in range(n_shards)]
     plan_ids = [config_digest(config, plan) for plan in plans]
-
-    entries: dict[str, dict] = {}
-    if resume:
-        for name, plan, plan_id in zip(names, plans, plan_ids):
-            path = out / name
-            if not path.is_file():
-                continue
-            entry = old_entries.get(name)
-            if old is not None:
-                if entry and entry.get("plan") == plan_id and entry.get("bytes") == path.stat().st_size:
-                    entries[name] = entry
-            else:  # no index: a shard under its final name is complete; check it holds this plan
-                try:
-                    found = tar_keys(path)
-                except (tarfile.TarError, OSError):
-                    continue
-                if found and set(found) <= set(plan):
-                    entries[name] = {"name": name, "samples": len(found), "bytes": path.stat().st_size, "plan": plan_id}
-    # shards of an earlier, longer run of this prefix and leftovers of a crash
-    for name in old_entries:
-        if name not in names and (out / name).is_file():
-            print(f"removing {out / name}: not part of this dataset any more")
-            (out / name).unlink()
-    for tmp in out.glob(f"{prefix}-*.tar.tmp"):
-        tmp.unlink()
+    entries = _kept_shards(out, old, names, plans, plan_ids) if resume else {}
+    _remove_leftovers(out, old, names, prefix)
 
     fields = dict(info or {}, prefix=prefix, samples_per_shard=samples_per_shard, created_by=created_by)
     before = {reason: len(names_) for reason, names_ in (skipped or {}).items() if names_}
@@ -244,34 +215,260 @@ def write_shards(
         for name, plan, plan_id in zip(names, plans, plan_ids):
             if name in entries:
                 continue
-            writer = TarOut(out / name)
-            shard_skips: dict[str, int] = {}
-            try:
-                for key in plan:
-                    try:
-                        members = build(key)
-                    except SkipSample as reason:
-                        shard_skips[str(reason) or "skipped"] = shard_skips.get(str(reason) or "skipped", 0) + 1
-                    else:
-                        writer.add_sample(key, members)
-                    bar.update(1)
-            except BaseException:
-                writer.abort()
-                raise
-            if writer.samples == 0:
-                writer.abort()
+            entry, shard_skips = _write_plan(out / name, plan, build, bar)
+            if entry is None:
                 for reason, n in shard_skips.items():
                     before[reason] = before.get(reason, 0) + n
-                if (out / name).is_file():  # an older shard of that name is not this one
-                    (out / name).unlink()
                 warnings.warn(f"shard {name}: every sample was skipped; no file written", stacklevel=2)
                 continue
-            size = writer.commit()
-            entries[name] = {"name": name, "samples": writer.samples, "bytes": size, "plan": plan_id}
-            if shard_skips:
-                entries[name]["skipped"] = shard_skips
+            entries[name] = dict(entry, plan=plan_id) | ({"skipped": shard_skips} if shard_skips else {})
             save(complete=False)
     finally:
         bar.close()
     save(complete=True)
     return [str(out / n) for n in names if n in entries]
+
+
+def _check_plan(keys: Sequence[str], samples_per_shard: int, prefix: str) -> None:
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if not keys:
+        raise ValueError("no samples to write")
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise ValueError(f"sample keys are not unique: {dup}")
+    if not prefix or "/" in prefix or "." in prefix:
+        raise ValueError(f"prefix must be a plain name without '/' or '.', got {prefix!r}")
+
+
+def _check_prefix(out: Path, old: dict | None, prefix: str) -> None:
+    """One folder, one prefix: index.json describes one split."""
+    if old is None:
+        return
+    others = sorted({e["name"] for e in old["shards"] if not str(e.get("name", "")).startswith(prefix + "-")})
+    if others:
+        raise ValueError(
+            f"{out} already holds shards of another prefix ({others[0]}, ...); write each split to its own folder"
+        )
+
+
+def _kept_shards(
+    out: Path, old: dict | None, names: list[str], plans: list[list[str]], plan_ids: list[str]
+) -> dict[str, dict]:
+    """The index entries of the finished shards a rerun keeps (see the module doc)."""
+    old_entries = {e["name"]: e for e in (old or {}).get("shards", [])}
+    entries: dict[str, dict] = {}
+    for name, plan, plan_id in zip(names, plans, plan_ids):
+        path = out / name
+        if not path.is_file():
+            continue
+        entry = old_entries.get(name)
+        if old is not None:
+            if entry and entry.get("plan") == plan_id and entry.get("bytes") == path.stat().st_size:
+                entries[name] = entry
+        else:  # no index: a shard under its final name is complete; check it holds this plan
+            try:
+                found = tar_keys(path)
+            except (tarfile.TarError, OSError):
+                continue
+            if found and set(found) <= set(plan):
+                entries[name] = {"name": name, "samples": len(found), "bytes": path.stat().st_size, "plan": plan_id}
+    return entries
+
+
+def _remove_leftovers(out: Path, old: dict | None, names: list[str], prefix: str) -> None:
+    """Shards of an earlier, longer run of this prefix and the temporary files of a crash."""
+    for name in (e["name"] for e in (old or {}).get("shards", [])):
+        if name not in names and (out / name).is_file():
+            print(f"removing {out / name}: not part of this dataset any more")
+            (out / name).unlink()
+    for tmp in out.glob(f"{prefix}-*.tar.tmp"):
+        tmp.unlink()
+
+
+def _write_plan(
+    path: Path, plan: list[str], build: Callable[[str], Members], bar: tqdm
+) -> tuple[dict | None, dict[str, int]]:
+    """Write one planned shard: its index entry (None when every sample was skipped and no file
+    is left under `path`) and its `SkipSample` counts by reason."""
+    writer = TarOut(path)
+    shard_skips: dict[str, int] = {}
+    try:
+        for key in plan:
+            try:
+                members = build(key)
+            except SkipSample as reason:
+                shard_skips[str(reason) or "skipped"] = shard_skips.get(str(reason) or "skipped", 0) + 1
+            else:
+                writer.add_sample(key, members)
+            bar.update(1)
+    except BaseException:
+        writer.abort()
+        raise
+    if writer.samples == 0:
+        writer.abort()
+        if path.is_file():  # an older shard of that name is not this one
+            path.unlink()
+        return None, shard_skips
+    samples = writer.samples
+    return {"name": path.name, "samples": samples, "bytes": writer.commit()}, shard_skips
+
+
+# --------------------------------------------------------------------------------------------
+# Adding members to existing shards (encode-text)
+# --------------------------------------------------------------------------------------------
+
+Named = list[tuple[str, bytes]]  # (member name, bytes) of one sample, names and order as in the tar
+Batch = list[tuple[str | None, Named]]  # consecutive samples of one shard; key None: members
+# webdataset skips (e.g. __meta__ files), copied as they are
+Add = Callable[[Batch, str], list[dict[str, bytes]]]
+
+
+def read_tar_samples(url: str) -> Iterator[tuple[str | None, Named]]:
+    """``(key, [(member name, bytes), ...])`` per sample of a shard, original names and order kept."""
+    from datamodules.shards import split_name
+
+    key, members = None, []
+    with tarfile.open(url, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            f = tar.extractfile(member)
+            data = f.read() if f is not None else b""
+            split = split_name(member.name)
+            k = split[0] if split is not None else None
+            if k is not None and k != key:
+                if members:
+                    yield key, members
+                key, members = k, []
+            members.append((member.name, data))
+    if members:
+        yield key, members
+
+
+def member_exts(key: str | None, members: Named) -> dict[str, bytes]:
+    """A sample's members by lower-cased extension (as the datamodule sees them)."""
+    from datamodules.shards import split_name
+
+    out = {}
+    for name, data in members:
+        split = split_name(name)
+        if split is not None and split[0] == key:
+            out[split[1]] = data
+    return out
+
+
+def output_names(urls: Sequence[str]) -> list[str]:
+    """File names of the output shards `add_to_shards` writes for `urls` (one per input, same name)."""
+    names = [os.path.basename(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise ValueError("input shards from different folders share file names; write them into separate folders")
+    return names
+
+
+def add_to_shards(
+    urls: Sequence[str],
+    out: str | os.PathLike,
+    add: Add,
+    config: dict,
+    batch_size: int = 16,
+    resume: bool = True,
+    progress: bool = True,
+    record: str = "encoded",
+    created_by: str = "vidistill encode-text",
+    counts: dict[str, int] | None = None,
+) -> list[dict]:
+    """Rewrite each input shard to ``out/<its name>`` with new members per sample, resumably.
+
+    Every original member is copied byte for byte, in order; after a sample's members come the
+    ones `add` gives it, which replace an original member of the same name. Each output shard is
+    written to ``name.tar.tmp`` and renamed when complete, so `out` may be the input folder.
+
+    Args:
+        urls: input shards (local paths).
+        out: output folder (created).
+        add: ``(batch, shard path) -> [{member name: bytes}, ...]``, one dict per entry of the
+            batch (ignored for key None); a batch is up to `batch_size` consecutive entries of one
+            shard, the last of a shard possibly fewer.
+        config: the options the members are made with; index.json records it under `record`
+            and each shard's entry its digest, and a rerun keeps the shards of the same digest.
+        batch_size: entries per `add` call.
+        resume: keep the finished shards of an earlier run with the same `config`.
+        progress: show a progress bar.
+        record: index.json's key for `config` (and each entry's for its digest).
+        created_by: index.json's ``created_by``.
+        counts: index.json's ``skipped``, rewritten after every shard; `add` updates it.
+
+    Returns:
+        The index entries of every output shard.
+    """
+    names = output_names(urls)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = config_digest(config)
+    old = read_index(out) or {}
+    fields = _carried_fields(urls, old, record)
+    fields.update(created_by=created_by, **{record: config})
+    entries = {}
+    if resume:
+        for e in old.get("shards", []):
+            path = out / e["name"]
+            if e.get(record) == fingerprint and e["name"] in names and path.is_file():
+                if path.stat().st_size == e.get("bytes"):
+                    entries[e["name"]] = e
+    counts = {} if counts is None else counts
+
+    def save(complete: bool) -> None:
+        write_index(out, entries.values(), complete=complete, **fields, skipped=dict(counts))
+
+    todo = [(u, n) for u, n in zip(urls, names) if n not in entries]
+    if entries:
+        print(f"resuming: {len(entries)} of {len(urls)} shards are already complete in {out}")
+    save(complete=not todo)
+    for url, name in tqdm(todo, desc=f"add to shards -> {out}", unit="shard", disable=not progress):
+        writer = TarOut(out / name)
+        try:
+            _add_members(writer, url, add, batch_size)
+        except BaseException:
+            writer.abort()
+            raise
+        samples = writer.samples
+        entries[name] = {"name": name, "samples": samples, "bytes": writer.commit(), record: fingerprint}
+        save(complete=False)
+    save(complete=True)
+    return list(entries.values())
+
+
+def _carried_fields(urls: Sequence[str], old: dict, record: str) -> dict:
+    """The index fields an output folder carries over: those of the input folder's own index.json
+    (what make-shards knew about the data) when the inputs share one folder, else of the output's."""
+    src_dirs = {os.path.dirname(os.path.abspath(u)) for u in urls}
+    src_index = read_index(next(iter(src_dirs))) if len(src_dirs) == 1 else None
+    own = ("shards", "total", "complete", record, "skipped")
+    return {k: v for k, v in (src_index or old).items() if k not in own}
+
+
+def _add_members(writer: TarOut, url: str, add: Add, batch_size: int) -> None:
+    """Copy the shard at `url` into `writer`, `add`'s members after each sample's own."""
+
+    def flush(batch: Batch) -> None:
+        for (key, members), new in zip(batch, add(batch, writer.path)):
+            if key is None:
+                for name, data in members:
+                    writer.add_member(name, data)
+                continue
+            for name, data in members:
+                if name not in new:
+                    writer.add_member(name, data)
+            for name, data in new.items():
+                writer.add_member(name, data)
+            writer.samples += 1
+
+    batch: Batch = []
+    for sample in read_tar_samples(url):
+        batch.append(sample)
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)

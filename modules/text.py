@@ -23,9 +23,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from datamodules.formats import load_text, save_text
 
 __all__ = [
     "ByteTokenizer",
@@ -329,32 +330,18 @@ def infer_mask(emb: Tensor) -> Tensor:
 def save_embeddings(
     path: PathLike, emb: Tensor, mask: Tensor | None = None, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write ``emb`` (..., L, D) and ``mask`` (..., L) to a safetensors file.
-
-    ``mask`` defaults to :func:`infer_mask`; it is stored as uint8 so any safetensors reader
-    (numpy included) can open the file. ``metadata`` is stored as the file's string metadata.
-    """
-    if mask is None:
-        mask = infer_mask(emb)
-    if mask.shape != emb.shape[:-1]:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match emb {tuple(emb.shape)}")
+    """Write ``emb`` (..., L, D) and ``mask`` (..., L) to a file in the shards' ``text.safetensors``
+    format (`datamodules.formats.save_text`); ``mask`` defaults to :func:`infer_mask`.
+    ``metadata`` is stored as the file's string metadata."""
+    data = save_text(emb, infer_mask(emb) if mask is None else mask, metadata=metadata)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "emb": emb.detach().cpu().contiguous(),
-        "mask": mask.detach().cpu().to(torch.uint8).contiguous(),
-    }
-    save_file(tensors, str(path), metadata=metadata)
+    Path(path).write_bytes(data)
 
 
 def load_embeddings(path: PathLike, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """Read ``(emb, mask bool)`` written by :func:`save_embeddings`.
-
-    A file with only an ``emb`` tensor is accepted; its mask is then inferred from zero rows.
-    """
-    tensors = load_file(str(path), device=str(device))
-    emb = tensors["emb"]
-    mask = tensors["mask"].bool() if "mask" in tensors else infer_mask(emb)
-    return emb, mask
+    """Read ``(emb, mask bool)`` written by :func:`save_embeddings` (or a shard's text.safetensors)."""
+    emb, mask = load_text(Path(path).read_bytes(), str(path))
+    return emb.to(device), mask.to(device)
 
 
 def as_text_condition(

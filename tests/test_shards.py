@@ -223,6 +223,9 @@ def test_latent_shards_shapes(tmp_path):
     assert not torch.equal(
         st_load(got[0]["latent.safetensors"])["latent"], st_load(got[1]["latent.safetensors"])["latent"]
     )
+    for bad in ("int32", "float8", "randn"):
+        with pytest.raises(ValueError, match="dtype"):
+            write_latent_shards(str(tmp_path / "bad"), num_samples=1, dtype=bad, progress=False)
 
 
 def test_transfer1_kd_conversion(tmp_path):

@@ -4,9 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, T5Config, T5EncoderModel
 
+from datamodules.formats import load_text, save_text
 from modules.text import (
     TextEncoder,
     as_text_condition,
@@ -169,6 +172,10 @@ def test_save_load_and_as_text_condition(tmp_path):
     emb2, mask2 = load_embeddings(path)
     assert mask2.dtype == torch.bool
     assert torch.equal(emb2, emb) and torch.equal(mask2, mask)
+    # one format: the file is a shard's text.safetensors member, byte for byte
+    assert path.read_bytes() == save_text(emb, mask)
+    shard_emb, shard_mask = load_text(path.read_bytes())
+    assert torch.equal(shard_emb, emb) and torch.equal(shard_mask, mask)
 
     for x in (path, str(path), emb, (emb, mask), (emb, mask.to(torch.uint8)), [emb, None]):
         e, m = as_text_condition(x)
@@ -183,6 +190,14 @@ def test_save_load_and_as_text_condition(tmp_path):
     # Saving without a mask infers it.
     save_embeddings(tmp_path / "nomask.safetensors", emb)
     assert torch.equal(load_embeddings(tmp_path / "nomask.safetensors")[1], mask)
+    # stored dtype: cast on request, the mask always uint8 on disk
+    half = load_text(save_text(emb, mask, torch.bfloat16))[0]
+    assert half.dtype == torch.bfloat16 and torch.equal(half, emb.to(torch.bfloat16))
+    assert st_load(save_text(emb, mask))["mask"].dtype == torch.uint8
+    with pytest.raises(ValueError, match="does not match"):
+        save_text(emb, mask[:, :3])
+    with pytest.raises(KeyError, match="mask"):
+        load_text(st_save({"emb": emb}))
 
     with pytest.raises(ValueError):
         as_text_condition((emb, mask[:, :3]))

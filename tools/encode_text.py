@@ -14,50 +14,10 @@ options it was encoded with; a rerun skips those (``--resume false`` redoes ever
 
 from __future__ import annotations
 
-import os
-import tarfile
 import warnings
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 __all__ = ["encode_text", "video_latents"]
-
-_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _read_samples(url: str):
-    """Yield ``(key, [(member name, bytes), ...])`` per sample, original names and order kept."""
-    from datamodules.shards import split_name
-
-    key, members = None, []
-    with tarfile.open(url, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            f = tar.extractfile(member)
-            data = f.read() if f is not None else b""
-            split = split_name(member.name)
-            k = split[0] if split is not None else None
-            if k is not None and k != key:
-                if members:
-                    yield key, members
-                key, members = k, []
-            members.append((member.name, data))
-    if members:
-        yield key, members
-
-
-def _exts(key: str | None, members: list) -> dict[str, bytes]:
-    """Members by lower-cased extension (as the datamodule sees them)."""
-    from datamodules.shards import split_name
-
-    out = {}
-    for name, data in members:
-        split = split_name(name)
-        if split is not None and split[0] == key:
-            out[split[1]] = data
-    return out
 
 
 def _caption(ext: dict[str, bytes]) -> str | None:
@@ -158,42 +118,25 @@ def encode_text(
         resume: skip output shards index.json records as encoded with the same options.
         progress: show a progress bar.
     """
-    import torch
-    from safetensors.torch import save as st_save
-
-    from datamodules.codec import VideoDecodeError
     from datamodules.shards import expand_shards
-    from datamodules.writer import TarOut, config_digest, read_index, write_index
-    from modules.text import TextEncoder
+    from datamodules.writer import add_to_shards, output_names
+    from modules.dtypes import to_dtype
 
     if (video_height is None) != (video_width is None):
         raise ValueError("give both video_height and video_width, or neither")
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    store = to_dtype(dtype, "--dtype", allow_none=True)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer is None and any(v is not None for v in (video_height, num_frames, tokenizer_path)):
         raise ValueError("video_height/video_width/num_frames/tokenizer_path need --tokenizer")
     urls = expand_shards(shards)
-    names = [os.path.basename(u) for u in urls]
-    if len(set(names)) != len(names):
-        raise ValueError("input shards from different folders share file names; encode them into separate folders")
-    store = getattr(torch, dtype) if dtype else None
-    if text_encoder == "tiny":
-        encoder = TextEncoder.tiny() if max_length is None else TextEncoder.tiny(max_length=max_length)
-        encoder = encoder.to(device)
-    else:
-        if not Path(text_encoder).is_dir():
-            raise FileNotFoundError(f"text encoder {text_encoder!r} is neither 'tiny' nor a local directory")
-        encoder = TextEncoder.from_pretrained(text_encoder, max_length=max_length or 512, dtype=store, device=device)
+    output_names(urls)  # clashing names fail before an encoder is loaded
+    encoder = _text_encoder(text_encoder, max_length, store, device)
     tok = None
     if tokenizer is not None:
         from modules.tokenizer import build_tokenizer
 
         tok = build_tokenizer(tokenizer, tokenizer_path).to(device)
-
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     options = {
         "text_encoder": text_encoder,
         "max_length": encoder.max_length,
@@ -205,89 +148,70 @@ def encode_text(
         "stride": stride,
         "target_fps": target_fps,
     }
-    fingerprint = config_digest(options)
-    old = read_index(out_dir) or {}
-    # an input folder's own index.json (make-shards) carries over what it knew
-    src_dirs = {os.path.dirname(os.path.abspath(u)) for u in urls}
-    src_index = read_index(next(iter(src_dirs))) if len(src_dirs) == 1 else None
-    fields = {
-        k: v for k, v in (src_index or old).items() if k not in ("shards", "total", "complete", "encoded", "skipped")
-    }
-    fields.update(created_by="vidistill encode-text", encoded=options)
-    entries = {}
-    if resume:
-        for e in old.get("shards", []):
-            path = out_dir / e["name"]
-            if (
-                e.get("encoded") == fingerprint
-                and e["name"] in names
-                and path.is_file()
-                and path.stat().st_size == e.get("bytes")
-            ):
-                entries[e["name"]] = e
     counts = {"no caption": 0, "no latents": 0}
-    todo = [(u, n) for u, n in zip(urls, names) if n not in entries]
-    if entries:
-        print(f"resuming: {len(entries)} of {len(urls)} shards are already encoded in {out_dir}")
-    bar = tqdm(todo, desc="encode shards", unit="shard", disable=not progress)
+    latents = None
+    if tok is not None:
 
-    def flush(writer: TarOut, batch: list) -> None:
-        captioned = [i for i, (_, _, cap) in enumerate(batch) if cap is not None]
-        embs = {}
+        def latents(ext: dict[str, bytes]) -> dict:
+            return video_latents(ext, tok, num_frames, video_height, video_width, stride, target_fps, device)
+
+    add = _new_members(encoder, store, latents, counts)
+    entries = add_to_shards(urls, out, add, options, batch_size, resume, progress, counts=counts)
+    total = sum(e["samples"] for e in entries)
+    notes = "".join(f", {n} with {reason}" for reason, n in counts.items() if n)
+    print(f"encoded {total} samples in {len(entries)} shards to {Path(out)}{notes}")
+
+
+def _text_encoder(name: str, max_length: int | None, dtype, device: str):
+    """The tiny default or a local transformers directory, on `device`."""
+    from modules.text import TextEncoder
+
+    if name == "tiny":
+        encoder = TextEncoder.tiny() if max_length is None else TextEncoder.tiny(max_length=max_length)
+        return encoder.to(device)
+    if not Path(name).is_dir():
+        raise FileNotFoundError(f"text encoder {name!r} is neither 'tiny' nor a local directory")
+    return TextEncoder.from_pretrained(name, max_length=max_length or 512, dtype=dtype, device=device)
+
+
+def _new_members(encoder, store, latents, counts: dict[str, int]):
+    """`add_to_shards`' callback: a batch's samples -> their text.safetensors (and latent.safetensors
+    when `latents` is given), counting the samples without a caption or without latents."""
+    from safetensors.torch import save as st_save
+
+    from datamodules.codec import VideoDecodeError
+    from datamodules.formats import TEXT_MEMBER, save_text
+    from datamodules.writer import member_exts
+
+    def add(batch: list, shard: str) -> list[dict[str, bytes]]:
+        exts = [member_exts(key, members) if key is not None else {} for key, members in batch]
+        captions = [_caption(ext) if key is not None else None for (key, _), ext in zip(batch, exts)]
+        captioned = [i for i, cap in enumerate(captions) if cap is not None]
+        texts = {}
         if captioned:
-            emb, mask = encoder.encode([batch[i][2] for i in captioned])
-            for j, i in enumerate(captioned):
-                e = emb[j].cpu()
-                embs[i] = {"emb": (e.to(store) if store else e).contiguous(), "mask": mask[j].cpu().to(torch.uint8)}
-        for i, (key, members, _) in enumerate(batch):
-            if key is None:  # members webdataset skips (e.g. __meta__ files): copied as they are
-                for name, data in members:
-                    writer.add_member(name, data)
-                continue
+            emb, mask = encoder.encode([captions[i] for i in captioned])
+            # cast on the CPU, after the move, as the shards written so far were
+            texts = {i: save_text(emb[j].cpu(), mask[j].cpu(), store) for j, i in enumerate(captioned)}
+        out = []
+        for i, ((key, _), ext) in enumerate(zip(batch, exts)):
             new = {}
-            if i in embs:
-                new[f"{key}.text.safetensors"] = st_save(embs[i])
+            if key is None:
+                out.append(new)
+                continue
+            if i in texts:
+                new[f"{key}.{TEXT_MEMBER}"] = texts[i]
             else:
                 counts["no caption"] += 1
-            if tok is not None:
-                ext = _exts(key, members)
+            if latents is not None:
                 try:
                     if "mp4" not in ext:
                         raise VideoDecodeError("sample has no mp4")
-                    lat = video_latents(ext, tok, num_frames, video_height, video_width, stride, target_fps, device)
+                    lat = latents(ext)
                     new[f"{key}.latent.safetensors"] = st_save({k: v.to(store) if store else v for k, v in lat.items()})
                 except VideoDecodeError as err:
                     counts["no latents"] += 1
-                    warnings.warn(f"{writer.path}: {key}: no latents ({err})", stacklevel=2)
-            for name, data in members:
-                if name not in new:
-                    writer.add_member(name, data)
-            for name, data in new.items():
-                writer.add_member(name, data)
-            writer.samples += 1
+                    warnings.warn(f"{shard}: {key}: no latents ({err})", stacklevel=2)
+            out.append(new)
+        return out
 
-    def save(complete: bool) -> None:
-        write_index(out_dir, entries.values(), complete=complete, **fields, skipped=dict(counts))
-
-    save(complete=not todo)
-    for url, name in bar:
-        writer = TarOut(out_dir / name)
-        try:
-            batch: list = []
-            for key, members in _read_samples(url):
-                batch.append((key, members, _caption(_exts(key, members)) if key is not None else None))
-                if len(batch) == batch_size:
-                    flush(writer, batch)
-                    batch = []
-            if batch:
-                flush(writer, batch)
-        except BaseException:
-            writer.abort()
-            raise
-        n = writer.samples
-        entries[name] = {"name": name, "samples": n, "bytes": writer.commit(), "encoded": fingerprint}
-        save(complete=False)
-    save(complete=True)
-    total = sum(e["samples"] for e in entries.values())
-    notes = "".join(f", {n} with {reason}" for reason, n in counts.items() if n)
-    print(f"encoded {total} samples in {len(entries)} shards to {out_dir}{notes}")
+    return add

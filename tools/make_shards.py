@@ -191,11 +191,6 @@ def _squeeze(t: Any, ndim: int, path: Path, what: str) -> Any:
 
 
 def _transfer1(src: Path, out: str, samples_per_shard: int, prefix: str, resume: bool, progress: bool) -> list[str]:
-    import torch
-    from safetensors.torch import save as st_save
-
-    from datamodules.controls import MODALITIES
-
     videos_dir = src / "videos"
     videos = sorted(videos_dir.glob("*.mp4")) if videos_dir.is_dir() else []
     if not videos:
@@ -204,6 +199,30 @@ def _transfer1(src: Path, out: str, samples_per_shard: int, prefix: str, resume:
         "Cosmos-Transfer1 KD data holds the input noise and the teacher's output video but no "
         "intermediate teacher states: these shards support 1-step KD only (noise -> video)."
     )
+    by_key, missing = _transfer1_complete(src, videos)
+    config = {"mode": "transfer1", "src": str(src.resolve())}
+    info = {
+        "source": str(src.resolve()),
+        "kd": "transfer1",
+        "teacher_states": False,
+        "skipped_incomplete": missing[:100],
+    }
+    return write_shards(
+        out,
+        list(by_key),
+        lambda key: _transfer1_sample(src, by_key[key]),
+        samples_per_shard,
+        prefix,
+        config,
+        resume,
+        progress,
+        info,
+        skipped={"no t5_xxl or noise pickle": missing},
+    )
+
+
+def _transfer1_complete(src: Path, videos: list[Path]) -> tuple[dict[str, Path], list[str]]:
+    """The videos with both pickles, by sample key, and the stems of those without."""
     by_key: dict[str, Path] = {}
     missing: list[str] = []
     for video in videos:
@@ -219,76 +238,80 @@ def _transfer1(src: Path, out: str, samples_per_shard: int, prefix: str, resume:
     if missing:
         warnings.warn(
             f"{len(missing)} video(s) lack t5_xxl/ or noise/ pickles and are skipped: {', '.join(missing[:5])}",
-            stacklevel=3,
+            stacklevel=4,
         )
     if not by_key:
-        raise ValueError(f"no video in {videos_dir} has both t5_xxl/<stem>.pickle and noise/<stem>.pickle")
-    # Transfer1 calls the blur control "vis"
-    folders = {m: m for m in MODALITIES} | {"vis": "blur"}
+        raise ValueError(f"no video in {src / 'videos'} has both t5_xxl/<stem>.pickle and noise/<stem>.pickle")
+    return by_key, missing
 
-    def build(key: str) -> Members:
-        video = by_key[key]
-        stem, rel = video.stem, Path(video.name)
-        data = video.read_bytes()
-        meta = _probe_fields(data, rel)
-        caption = ""
-        for txt in (videos_dir / f"{stem}.txt", src / "metas" / f"{stem}.txt"):
-            if txt.is_file():
-                caption = txt.read_text(encoding="utf-8").strip()
-                break
-        try:
-            emb = _squeeze(load_pickle_array(src / "t5_xxl" / f"{stem}.pickle", "t5_xxl"), 2, video, "t5_xxl embedding")
-            noise = _squeeze(load_pickle_array(src / "noise" / f"{stem}.pickle", "noise"), 4, video, "noise")
-        except (ValueError, pickle.UnpicklingError, EOFError) as e:
-            warnings.warn(f"{stem}: {e}; skipped", stacklevel=2)
-            raise SkipSample("unreadable pickle") from e
-        tokens = emb.shape[0]
-        mask = torch.ones(max(tokens, T1_TEXT_LENGTH), dtype=torch.uint8)
-        if tokens < T1_TEXT_LENGTH:  # zero-pad to 512 tokens as Transfer1's data loader does
-            mask[tokens:] = 0
-            emb = torch.cat([emb, emb.new_zeros(T1_TEXT_LENGTH - tokens, emb.shape[1])])
-        controls: Members = []
-        for folder, m in folders.items():
-            path = src / folder / f"{stem}.mp4"
-            if path.is_file() and f"{m}.mp4" not in dict(controls):
-                controls.append((f"{m}.mp4", path.read_bytes()))
-        meta = {
-            "caption": caption,
-            **meta,
-            "source": f"videos/{video.name}",
-            "kd": "transfer1",
-            "teacher_states": False,
-            "text_tokens": tokens,
-            "controls": [e for e, _ in controls],
-        }
-        return [
-            ("mp4", data),
-            ("txt", caption.encode("utf-8")),
-            ("json", json.dumps(meta).encode()),
-            *controls,
-            ("text.safetensors", st_save({"emb": emb, "mask": mask})),
-            ("kd.safetensors", st_save({"noise": noise})),
-        ]
 
-    config = {"mode": "transfer1", "src": str(src.resolve())}
-    info = {
-        "source": str(src.resolve()),
+def _transfer1_sample(src: Path, video: Path) -> Members:
+    """One Transfer1 KD example as shard members: the teacher's video, its caption, its controls,
+    the padded T5 embedding and the noise."""
+    from safetensors.torch import save as st_save
+
+    from datamodules.formats import TEXT_MEMBER
+
+    stem = video.stem
+    data = video.read_bytes()
+    meta = _probe_fields(data, Path(video.name))
+    caption = ""
+    for txt in (video.with_suffix(".txt"), src / "metas" / f"{stem}.txt"):
+        if txt.is_file():
+            caption = txt.read_text(encoding="utf-8").strip()
+            break
+    try:
+        emb = _squeeze(load_pickle_array(src / "t5_xxl" / f"{stem}.pickle", "t5_xxl"), 2, video, "t5_xxl embedding")
+        noise = _squeeze(load_pickle_array(src / "noise" / f"{stem}.pickle", "noise"), 4, video, "noise")
+    except (ValueError, pickle.UnpicklingError, EOFError) as e:
+        warnings.warn(f"{stem}: {e}; skipped", stacklevel=2)
+        raise SkipSample("unreadable pickle") from e
+    controls = _transfer1_controls(src, stem)
+    meta = {
+        "caption": caption,
+        **meta,
+        "source": f"videos/{video.name}",
         "kd": "transfer1",
         "teacher_states": False,
-        "skipped_incomplete": missing[:100],
+        "text_tokens": emb.shape[0],
+        "controls": [e for e, _ in controls],
     }
-    return write_shards(
-        out,
-        list(by_key),
-        build,
-        samples_per_shard,
-        prefix,
-        config,
-        resume,
-        progress,
-        info,
-        skipped={"no t5_xxl or noise pickle": missing},
-    )
+    return [
+        ("mp4", data),
+        ("txt", caption.encode("utf-8")),
+        ("json", json.dumps(meta).encode()),
+        *controls,
+        (TEXT_MEMBER, _transfer1_text(emb)),
+        ("kd.safetensors", st_save({"noise": noise})),
+    ]
+
+
+def _transfer1_text(emb: Any) -> bytes:
+    """text.safetensors of a Transfer1 T5 embedding, zero-padded to 512 tokens as Transfer1's data
+    loader pads it (its pickles hold the real tokens only); the mask marks the real ones."""
+    import torch
+
+    from datamodules.formats import save_text
+
+    tokens = emb.shape[0]
+    mask = torch.ones(max(tokens, T1_TEXT_LENGTH), dtype=torch.uint8)
+    if tokens < T1_TEXT_LENGTH:
+        mask[tokens:] = 0
+        emb = torch.cat([emb, emb.new_zeros(T1_TEXT_LENGTH - tokens, emb.shape[1])])
+    return save_text(emb, mask)
+
+
+def _transfer1_controls(src: Path, stem: str) -> Members:
+    """The example's control videos, each stored under our modality name (Transfer1 calls the blur
+    control "vis"); the first folder found for a modality wins."""
+    from datamodules.controls import MODALITIES
+
+    controls: Members = []
+    for folder, m in ({m: m for m in MODALITIES} | {"vis": "blur"}).items():
+        path = src / folder / f"{stem}.mp4"
+        if path.is_file() and f"{m}.mp4" not in dict(controls):
+            controls.append((f"{m}.mp4", path.read_bytes()))
+    return controls
 
 
 def _parse_shape(text: str, n: int, what: str) -> tuple[int, ...]:

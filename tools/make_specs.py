@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from modules.spec import ControlSpec
+
 
 def make_specs(
     shards: str,
@@ -24,7 +26,7 @@ def make_specs(
     file: str = "specs.jsonl",
     num_steps: int | None = None,
     guidance: float | None = None,
-    control_weight: float = 1.0,
+    control_weight: float = ControlSpec.control_weight,
 ) -> Path:
     """Write one spec per clip of `shards` (a folder of .tar shards or one .tar).
 
@@ -36,9 +38,9 @@ def make_specs(
             video2world).
         num: at most this many clips (default: all).
         file: name of the spec file written in OUT (.jsonl).
-        num_steps: written into every spec (default: infer's default, 35).
-        guidance: written into every spec (default: infer's default, 3).
-        control_weight: weight of every control block.
+        num_steps: written into every spec (default: left out, so infer takes the spec default).
+        guidance: written into every spec (default: left out, so infer takes the spec default).
+        control_weight: weight of every control block (default: the spec default).
     """
     import webdataset as wds
 

@@ -1,16 +1,4 @@
-"""`vidistill quickstart`: the whole pipeline on the embedded default, then `report.html`.
-
-    vidistill quickstart --out quickstart
-
-synthetic shards -> base -> edge and blur control branches -> KD data -> KD warmup -> DMD2 (4-step
-student) -> consolidation -> held-out specs -> inference (teacher 35 steps; KD student 4 steps; DMD2
-student 4 and 1 steps; an edge + vis teacher) -> evaluation -> report. Every stage is the
-subcommand a cluster user runs, called in-process with the quickstart recipe
-(recipes/quickstart/*.yaml) and only the budget changed (steps, clip counts), written to
-OUT/configs/<stage>.yaml so nothing is hidden. Everything lands under OUT (the recipes' relative
-paths resolve there). A rerun skips finished stages and resumes an interrupted training stage from
-its last checkpoint.
-"""
+"""The quickstart's budgets and stages, each a `vidistill` subcommand called in-process."""
 
 from __future__ import annotations
 
@@ -18,12 +6,15 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
-RUNS = Path("runs/quickstart")
+from .report import write_report
+from .runs import DATA, EVAL, OUTPUTS, RUNS, RUNS_TO_COMPARE, SPECS
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
 # the recipes' clip size
 CLIP = ["--num_frames", 4, "--height", 32, "--width", 48]
 # plain black floors: the shapes' outlines are the only edges and every shape colour stands out
@@ -152,6 +143,120 @@ def fit(stage: str, steps: int, device: str, val_samples: int | None = None) -> 
     cli("fit", "--config", config, *(["--ckpt_path", last] if last.exists() else []))
 
 
+# --------------------------------------------------------------------------------------------
+# The stages that are no training run
+# --------------------------------------------------------------------------------------------
+
+
+def make_data(b: Budget) -> None:
+    """Synthetic train and held-out val shards at the recipes' clip size (no stored controls: the
+    datamodule computes them)."""
+    size = [*CLIP, "--controls", "", *SCENE, "--progress", "false"]
+    cli("make-shards", "--synthetic", "video", "--out", DATA / "train", "--num_samples", b.train_clips, *size)
+    cli(
+        "make-shards",
+        "--synthetic",
+        "video",
+        "--out",
+        DATA / "val",
+        "--num_samples",
+        b.val_clips,
+        "--seed",
+        1,
+        "--prefix",
+        "val",
+        *size,
+    )
+
+
+def make_kd_data(b: Budget) -> None:
+    """The teacher's trajectories on train clips (the recipe's output) and on the val clips."""
+    recipe = RECIPES / "kd_data.yaml"
+    cli("make-kd-data", "--config", recipe, "--num_samples", b.kd_clips)
+    cli(
+        "make-kd-data",
+        "--config",
+        recipe,
+        "--shards",
+        DATA / "val",
+        "--out",
+        RUNS / "kd/val",
+        "--num_samples",
+        b.kd_val_clips,
+    )
+
+
+def consolidate() -> None:
+    cli("consolidate", RUNS / "dmd2/checkpoints/last.ckpt", "--out", RUNS / "dmd2/consolidated")
+
+
+def combine() -> None:
+    """The edge + vis teacher: the base with both control branches."""
+    controls = json.dumps([str(RUNS / "edge/export"), str(RUNS / "blur/export")])
+    cli("combine", RUNS / "base/export", "--control", controls, "--out", RUNS / "teacher_edge_vis")
+
+
+def make_specs(b: Budget) -> None:
+    """Held-out specs over the val clips: one file with the edge control, one with edge + vis."""
+    for controls, file in (("edge", "edge.jsonl"), ("edge,vis", "edge_vis.jsonl")):
+        cli(
+            "make-specs",
+            DATA / "val",
+            "--out",
+            SPECS,
+            "--controls",
+            controls,
+            "--num",
+            b.specs,
+            "--file",
+            file,
+            "--num_steps",
+            35,
+            "--guidance",
+            0,
+        )
+
+
+def infer_all(specs: Path, out_dir: Path, device: str) -> None:
+    """Every compared model over the held-out specs (lossless copies for exact scoring)."""
+    for folder, _, model, extra in RUNS_TO_COMPARE:
+        args = [a if a not in ("edge.jsonl", "edge_vis.jsonl") else specs / a for a in extra]
+        cli(
+            "infer",
+            *args,
+            "-o",
+            out_dir / folder,
+            "--model",
+            model,
+            "--lossless",
+            "--device",
+            "cuda" if device == "cuda" else "cpu",
+        )
+
+
+def evaluate() -> None:
+    labels = json.dumps([label for _, label, _, _ in RUNS_TO_COMPARE])
+    cli("evaluate", *(OUTPUTS / r for r, _, _, _ in RUNS_TO_COMPARE), "--labels", labels, "--out", EVAL)
+
+
+def stages(b: Budget, device: str) -> list[tuple[str, Callable[[], object], Path | None]]:
+    """(name, run, artifact) in order; a stage whose artifact exists is done already."""
+    return [
+        ("data", lambda: make_data(b), None),
+        ("base", lambda: fit("base", b.base_steps, device, b.val_samples), RUNS / "base/export"),
+        ("edge", lambda: fit("edge", b.control_steps, device, b.val_samples), RUNS / "edge/export"),
+        ("blur", lambda: fit("blur", b.blur_steps, device, b.val_samples), RUNS / "blur/export"),
+        ("kd_data", lambda: make_kd_data(b), None),
+        ("kd", lambda: fit("kd", b.kd_steps, device, b.val_samples), RUNS / "kd/export"),
+        ("dmd2", lambda: fit("dmd2", b.dmd2_turns, device, b.val_samples), RUNS / "dmd2/export"),
+        ("consolidate", consolidate, RUNS / "dmd2/consolidated/student"),
+        ("combine", combine, RUNS / "teacher_edge_vis/model.safetensors"),
+        ("specs", lambda: make_specs(b), None),
+        ("infer", lambda: infer_all(SPECS, OUTPUTS, device), None),
+        ("evaluate", evaluate, None),
+    ]
+
+
 def quickstart(*, out: str = "quickstart", device: str = "cpu", budget: str = "full") -> Path:
     """Run the whole pipeline on the embedded default and write OUT/report.html.
 
@@ -172,120 +277,8 @@ def quickstart(*, out: str = "quickstart", device: str = "cpu", budget: str = "f
     state_file = root / "quickstart.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"stages": {}}
     state.update(budget=asdict(b), device=device, machine=f"{platform.machine()}, {os.cpu_count()} cores")
-    data = RUNS / "data"
-    size = [*CLIP, "--controls", "", *SCENE, "--progress", "false"]
-    out_dir = RUNS / "out"
-    specs = RUNS / "specs"
-    stages = [
-        (
-            "data",
-            lambda: (
-                cli(
-                    "make-shards",
-                    "--synthetic",
-                    "video",
-                    "--out",
-                    data / "train",
-                    "--num_samples",
-                    b.train_clips,
-                    *size,
-                ),
-                cli(
-                    "make-shards",
-                    "--synthetic",
-                    "video",
-                    "--out",
-                    data / "val",
-                    "--num_samples",
-                    b.val_clips,
-                    "--seed",
-                    1,
-                    "--prefix",
-                    "val",
-                    *size,
-                ),
-            ),
-            None,
-        ),
-        ("base", lambda: fit("base", b.base_steps, device, b.val_samples), RUNS / "base/export"),
-        ("edge", lambda: fit("edge", b.control_steps, device, b.val_samples), RUNS / "edge/export"),
-        ("blur", lambda: fit("blur", b.blur_steps, device, b.val_samples), RUNS / "blur/export"),
-        (
-            "kd_data",
-            lambda: (
-                cli("make-kd-data", "--config", RECIPES / "kd_data.yaml", "--num_samples", b.kd_clips),
-                cli(
-                    "make-kd-data",
-                    "--config",
-                    RECIPES / "kd_data.yaml",
-                    "--shards",
-                    data / "val",
-                    "--out",
-                    RUNS / "kd/val",
-                    "--num_samples",
-                    b.kd_val_clips,
-                ),
-            ),
-            None,
-        ),
-        ("kd", lambda: fit("kd", b.kd_steps, device, b.val_samples), RUNS / "kd/export"),
-        ("dmd2", lambda: fit("dmd2", b.dmd2_turns, device, b.val_samples), RUNS / "dmd2/export"),
-        (
-            "consolidate",
-            lambda: cli("consolidate", RUNS / "dmd2/checkpoints/last.ckpt", "--out", RUNS / "dmd2/consolidated"),
-            RUNS / "dmd2/consolidated/student",
-        ),
-        (
-            "combine",
-            lambda: cli(
-                "combine",
-                RUNS / "base/export",
-                "--control",
-                json.dumps([str(RUNS / "edge/export"), str(RUNS / "blur/export")]),
-                "--out",
-                RUNS / "teacher_edge_vis",
-            ),
-            RUNS / "teacher_edge_vis/model.safetensors",
-        ),
-        (
-            "specs",
-            lambda: [
-                cli(
-                    "make-specs",
-                    data / "val",
-                    "--out",
-                    specs,
-                    "--controls",
-                    c,
-                    "--num",
-                    b.specs,
-                    "--file",
-                    f,
-                    "--num_steps",
-                    35,
-                    "--guidance",
-                    0,
-                )
-                for c, f in (("edge", "edge.jsonl"), ("edge,vis", "edge_vis.jsonl"))
-            ],
-            None,
-        ),
-        ("infer", lambda: infer_all(specs, out_dir, device), None),
-        (
-            "evaluate",
-            lambda: cli(
-                "evaluate",
-                *(out_dir / r for r, _, _, _ in RUNS_TO_COMPARE),
-                "--labels",
-                json.dumps([label for _, label, _, _ in RUNS_TO_COMPARE]),
-                "--out",
-                RUNS / "eval",
-            ),
-            None,
-        ),
-    ]
     with inside(root):
-        for name, run, artifact in stages:
+        for name, run, artifact in stages(b, device):
             if artifact is not None and Path(artifact).exists():
                 print(f"[quickstart] {name}: done already ({artifact})", flush=True)
                 continue
@@ -294,41 +287,7 @@ def quickstart(*, out: str = "quickstart", device: str = "cpu", budget: str = "f
             run()
             state["stages"][name] = round(time.perf_counter() - t0, 1)
             state_file.write_text(json.dumps(state, indent=2))
-        from tools.report import write_report
-
         report = write_report(root)
     total = sum(state["stages"].values())
     print(f"[quickstart] report: {report} (stages run this time: {total / 60:.1f} min)", flush=True)
     return report
-
-
-# (output folder, label, model, extra infer arguments) in the report's order; the first is the reference
-RUNS_TO_COMPARE = [
-    ("teacher", "teacher (35 steps)", RUNS / "edge/export", ["--input", "edge.jsonl"]),
-    ("kd", "KD student (4 steps)", RUNS / "kd/export", ["--input", "edge.jsonl"]),
-    ("dmd2", "DMD2 student (4 steps)", RUNS / "dmd2/consolidated/student", ["--input", "edge.jsonl"]),
-    (
-        "dmd2_1step",
-        "DMD2 student (1 step)",
-        RUNS / "dmd2/consolidated/student",
-        ["--input", "edge.jsonl", "--num-steps", 1],
-    ),
-    ("teacher_edge_vis", "teacher, edge + vis (35 steps)", RUNS / "teacher_edge_vis", ["--input", "edge_vis.jsonl"]),
-]
-
-
-def infer_all(specs: Path, out_dir: Path, device: str) -> None:
-    """Every compared model over the held-out specs (lossless copies for exact scoring)."""
-    for folder, _, model, extra in RUNS_TO_COMPARE:
-        args = [a if a not in ("edge.jsonl", "edge_vis.jsonl") else specs / a for a in extra]
-        cli(
-            "infer",
-            *args,
-            "-o",
-            out_dir / folder,
-            "--model",
-            model,
-            "--lossless",
-            "--device",
-            "cuda" if device == "cuda" else "cpu",
-        )

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runs import EVAL, OUTPUTS, RUNS, RUNS_TO_COMPARE, SPECS, TRAINED
+
 SCALE = 3  # the quickstart's 48x64 clips, enlarged (nearest neighbour) to be seen
 GAP = 4
 
@@ -96,31 +98,30 @@ def comparison_video(panels: list[np.ndarray], frames: int) -> np.ndarray:
     return np.concatenate(tiles[:-1], axis=2)
 
 
-def write_report(out: Path) -> Path:
-    """OUT/report.html from a quickstart directory (stage times, runs, eval)."""
+def comparison_videos(out: Path, specs: list[dict]) -> list[tuple[str, str, str, int, int]]:
+    """OUT/report/<spec>.webm per spec whose input and every compared output decode: the input, its
+    edge control and each model's video side by side. Returns (name, prompt, media path, width,
+    height) of each."""
     from datamodules.codec import write_video
     from datamodules.controls import edge
-    from tools.quickstart import RUNS, RUNS_TO_COMPARE
 
-    out = Path(out)
-    runs = out / RUNS
-    state = json.loads((out / "quickstart.json").read_text())
-    metrics = json.loads((runs / "eval" / "metrics.json").read_text())
     media = out / "report"
     media.mkdir(exist_ok=True)
-
-    specs = [json.loads(line) for line in (runs / "specs" / "edge.jsonl").read_text().splitlines() if line.strip()]
-    labels = ["input", "edge control"] + [label for _, label, _, _ in RUNS_TO_COMPARE]
     rows = []
-    for spec in specs[:4]:
+    for spec in specs:
         name, frames = spec["name"], spec["max_frames"]
-        source = _frames(runs / "specs" / "videos", name)
-        generated = [_frames(runs / "out" / folder, name) for folder, _, _, _ in RUNS_TO_COMPARE]
+        source = _frames(out / SPECS / "videos", name)
+        generated = [_frames(out / OUTPUTS / folder, name) for folder, _, _, _ in RUNS_TO_COMPARE]
         if source is None or any(g is None for g in generated):
             continue
         video = comparison_video([source, edge(source[:frames])] + generated, frames)
         write_video(media / f"{name}.webm", video, 4.0, "vp8")
         rows.append((name, spec["prompt"], f"report/{name}.webm", video.shape[2], video.shape[1]))
+    return rows
+
+
+def metrics_table(metrics: dict) -> str:
+    """The metrics table's rows: quality, NFE, time and speed-up per compared model."""
 
     def cell(v, digits=3):
         return "–" if v is None else f"{v:.{digits}f}"
@@ -135,11 +136,20 @@ def write_report(out: Path) -> Path:
             f"<td>{cell(r.get('blur_ssim'))}</td><td>{cell(r.get('nfe'), 0)}</td>"
             f"<td>{cell(r.get('seconds'), 2)}</td><td>{r['speedup']:.2f}x</td></tr>"
         )
+    return "".join(table)
+
+
+def write_report(out: Path) -> Path:
+    """OUT/report.html from a quickstart directory (stage times, runs, eval)."""
+    out = Path(out)
+    state = json.loads((out / "quickstart.json").read_text())
+    metrics = json.loads((out / EVAL / "metrics.json").read_text())
+    specs = [json.loads(line) for line in (out / SPECS / "edge.jsonl").read_text().splitlines() if line.strip()]
+    labels = ["input", "edge control"] + [label for _, label, _, _ in RUNS_TO_COMPARE]
+    rows = comparison_videos(out, specs[:4])
     stages = "".join(f"<tr><td>{html.escape(k)}</td><td>{v / 60:.1f} min</td></tr>" for k, v in state["stages"].items())
     charts = "".join(
-        line_chart(stage, scalars(runs / stage))
-        for stage in ("base", "edge", "blur", "kd", "dmd2")
-        if (runs / stage).is_dir()
+        line_chart(stage, scalars(out / RUNS / stage)) for stage in TRAINED if (out / RUNS / stage).is_dir()
     )
     videos = "".join(
         f"<figure><figcaption>{html.escape(name)}: “{html.escape(prompt)}”</figcaption>"
@@ -148,7 +158,8 @@ def write_report(out: Path) -> Path:
         + f'</div><video src="{src}" width="{w}" height="{h}" autoplay loop muted playsinline></video></figure>'
         for name, prompt, src, w, h in rows
     )
-    chart = (runs / "eval" / "metrics.svg").read_text() if (runs / "eval" / "metrics.svg").is_file() else ""
+    table = metrics_table(metrics)
+    chart = (out / EVAL / "metrics.svg").read_text() if (out / EVAL / "metrics.svg").is_file() else ""
     total = sum(state["stages"].values())
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>vidistill quickstart report</title>
@@ -171,7 +182,7 @@ device {html.escape(state["device"])} ({html.escape(state["machine"])}).</p>
 <p>Per held-out clip: the input, its edge control, then each model's video ({SCALE}x enlarged, looped).</p>
 {videos}
 <h2>Control fidelity and speed</h2>
-<table>{"".join(table)}</table>
+<table>{table}</table>
 {chart}
 <h2>Training</h2>
 <div class="charts">{charts}</div>
