@@ -3,7 +3,7 @@
 One convention everywhere in the suite:
 
     x_t = (1 - t) x0 + t eps,   t in [0, 1]   (t = 0 is data, t = 1 is pure noise)
-    v   = eps - x0                            (what the network is trained to predict)
+    v   = eps - x0                            (the velocity; the loss is taken in its space)
     x0  = x_t - t v
 
 Everything downstream (losses, KD, DMD2, samplers, the inference module) talks to a network

@@ -1,9 +1,6 @@
-"""What a user sees and keeps while a stage trains: EMA weights, sample videos (TensorBoard and
-files) with their control metrics, throughput and memory.
-
-EMA is not a Lightning Callback: its shadow weights are sharded like the parameters and must
-travel in the sharded (DCP) checkpoint, which only carries the module's state dict, so they are
-buffers of the stage, created in configure_model and updated from its training hook.
+"""What a user sees and keeps while a stage trains: sample videos (TensorBoard and files) with
+their control metrics, throughput and memory, checkpoints that are never half-written, and
+pre-emption. (EMA weights are the stage's own buffers: modules/stages/ema.py.)
 """
 
 from __future__ import annotations

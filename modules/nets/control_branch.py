@@ -86,7 +86,7 @@ def mix_residuals(
     local=None,
 ) -> list[torch.Tensor]:
     """Per-injection residual sum_i w_i r_i, w_i = control_weight_i * mask_i pooled to the token
-    grid; where sum_i w_i > 1 at a token, every w_i there is divided by that sum (DESIGN.md).
+    grid; where sum_i w_i > 1 at a token, every w_i there is divided by that sum (docs/design.md).
     `local` (State.local under context parallelism) keeps this rank's tokens of a pooled map."""
     if len(residuals) == 1 and not torch.is_tensor(weights[0]):
         # one branch with a scalar weight: the rule reduces to min(w, 1)

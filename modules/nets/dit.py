@@ -2,7 +2,9 @@
 
 Per block: adaLN-LoRA modulated self-attention (RMS QK-norm, 3D RoPE), cross-attention to text,
 GELU MLP, each with a gated residual. Inputs are latents (B, C, T, H, W) at rectified-flow time t;
-the output is the velocity v = eps - x0 in the same layout.
+the output, in the same layout, is the velocity v = eps - x0 or the clean latent x0 according to
+`NetConfig.prediction` (modules/nets/presets.py). The DiT itself does not know which: `Denoiser`
+(modules/denoiser.py) interprets its head's output.
 
 The forward pass is split in three so control branches can share the base's work:
 `prepare` embeds inputs, timestep, text and positions once into a `State`; `run_blocks` runs the
@@ -374,7 +376,8 @@ def unpatchify(x: torch.Tensor, patch: tuple[int, int, int], grid: tuple[int, in
 
 
 class DiT(nn.Module):
-    """Cosmos-Predict2.5-structured video DiT predicting the flow velocity."""
+    """Cosmos-Predict2.5-structured video DiT. Its head outputs the velocity or x0, as the
+    network's `NetConfig.prediction` says (interpreted by `Denoiser`)."""
 
     def __init__(self, cfg: DiTConfig, device=None, dtype=None):
         super().__init__()
@@ -482,6 +485,7 @@ class DiT(nn.Module):
         return unpatchify(out, self.cfg.patch, s.grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Velocity prediction without control; see `prepare` for the arguments."""
+        """The head's output without control: velocity or x0 according to `NetConfig.prediction`
+        (read by `Denoiser`); see `prepare` for the arguments."""
         s = self.prepare(x, t, text, **kwargs)
         return self.head(self.run_blocks(s), s)

@@ -1,6 +1,7 @@
 """What every training stage shares: building sharded networks, turning batches into latents and
 text conditions, per-sample random streams, the optimizer and its schedule, and exporting the
-trained network. Stages (modules/control.py, kd.py, dmd2.py) subclass `Stage`.
+trained network. The stages (control_training.py, kd_warmup.py, dmd2.py beside this file)
+subclass `Stage`.
 """
 
 from __future__ import annotations
@@ -303,10 +304,11 @@ class Stage(L.LightningModule):
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Before every optimizer step (automatic and manual optimization alike, before gradient
-        clipping): skip it on every rank if any rank saw a non-finite loss or gradient. Skipping
-        drops the gradients, so the optimizer's step updates nothing (AdamW passes over
-        parameters without a gradient: no weight, moment or weight-decay change)."""
+        """Before every optimizer step (automatic and manual optimization alike; after DMD2's own
+        clipping, which leaves a non-finite norm non-finite): skip it on every rank if any rank
+        saw a non-finite loss or gradient. Skipping drops the gradients, so the optimizer's step
+        updates nothing (AdamW passes over parameters without a gradient: no weight, moment or
+        weight-decay change)."""
         self._skipped_step = self.nonfinite_anywhere(optimizer)
         if self._skipped_step:
             optimizer.zero_grad(set_to_none=True)

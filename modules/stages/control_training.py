@@ -1,8 +1,8 @@
 """ControlTraining: base control training (Cosmos-Transfer2.5's first stage).
 
 A frozen base with a trainable VACE control branch for one modality, trained with the
-rectified-flow loss; with `trainable: base` the same module trains a base from scratch (the
-embedded default needs one). Random 0..K leading latent frames are given clean as conditioning
+rectified-flow loss; with `trainable: all` and no modality the same module trains a base from
+scratch (the embedded default needs one). Random 0..K leading latent frames are given clean as conditioning
 (so generated chunks can be chained) and left out of the loss.
 """
 

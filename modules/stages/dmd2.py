@@ -1,6 +1,6 @@
 """DMD2: distribution-matching distillation of the controlled teacher into a few-step student.
 
-Four networks, each sharded by trainers/fsdp: the student (from the KD warmup), the frozen
+Four networks, each sharded by modules/parallel.py: the student (from the KD warmup), the frozen
 teacher (the real score, with CFG in Cosmos's form against a negative prompt), the fake score
 (from the teacher, tracks the student's distribution) and a GAN head on intermediate features of
 the fake score (default) or of the teacher (Cosmos-Transfer1's choice).

@@ -3,7 +3,7 @@ step, in one process on one device, with the same inputs.
 
 The control step is `--mode net`'s, for ours (tools.bench.control's Ours through its measure: base
 frozen, control branch trained, MSE, AdamW). The turns are the DMD2 stage's own code: a
-modules.dmd2.DMD2 LightningModule is built as the 2b edge `dmd2.yaml` recipe sets it up (student
+modules.stages.DMD2 LightningModule is built as the 2b edge `dmd2.yaml` recipe sets it up (student
 and fake score start from the teacher's preset; student trainable `all` unless told otherwise;
 fake score trainable; frozen teacher with CFG 3 against the negative prompt, two teacher calls;
 the GAN head of modules/nets/gan.py on the fake score's block depth/2 - 1 (13 of 28), 1024 wide;

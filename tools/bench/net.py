@@ -1,9 +1,9 @@
 """`vidistill bench --mode net`: step time, peak memory and MFU of our network against a named peer.
 
 Kept apart from every training and inference path so measuring never changes them. The peer is
-diffusers' CosmosTransformer3DModel + CosmosControlNetModel built with the configuration of
-../shared/bench/peer_diffusers_cosmos.py (2B shape, 4 control blocks, bf16, gradient
-checkpointing, base frozen, AdamW on the control branch), fed the same inputs, in the same process.
+diffusers' CosmosTransformer3DModel + CosmosControlNetModel built as a control-training step of
+the same model (2B shape, 4 control blocks, bf16, gradient checkpointing, base frozen, AdamW on
+the control branch), fed the same inputs, in the same process.
 Times are medians over `steps` runs after one warm-up run.
 """
 
