@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,14 +44,23 @@ BUCKETS = {
 
 def spec_sampler(settings: GenerationSettings, spec: Spec) -> SamplerConfig:
     """The sampler a spec runs with. A teacher takes the spec's num_steps and guidance; a distilled
-    student (no CFG) keeps its t-list when num_steps is its length or the teacher default 35, and
-    otherwise takes num_steps evenly spaced times from 1 (1 step: t = 1 only)."""
+    student (no CFG) keeps its t-list when num_steps is its length or the spec default
+    (`Spec.num_steps`, Transfer2.5's 35: a spec written for the teacher), and otherwise takes
+    num_steps evenly spaced times from 1 (1 step: t = 1 only)."""
     base = settings.sampler_config()
     if base.sampler != "student":
         return replace(base, steps=spec.num_steps, guidance=spec.guidance)
-    if spec.num_steps in (len(base.t_list), 35):
-        return base
     n = spec.num_steps
+    if n == len(base.t_list):
+        return base
+    if n == Spec.num_steps:
+        # the warnings registry shows this once per run, however many specs ask for the default
+        warnings.warn(
+            f"the student was distilled for {len(base.t_list)} steps; num_steps {n} (the Transfer2.5 "
+            f"default) runs its {len(base.t_list)}-step t-list; pass --num-steps N for N evenly spaced steps",
+            stacklevel=2,
+        )
+        return base
     return replace(base, t_list=tuple(1.0 - i / n for i in range(n)))
 
 

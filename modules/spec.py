@@ -67,7 +67,10 @@ class ControlSpec:
 
 @dataclass
 class Spec:
-    """One resolved, checked spec: paths absolute, prompt read, defaults filled in."""
+    """One resolved, checked spec: paths absolute, prompt read, defaults filled in.
+
+    The defaults are Transfer2.5's and are written only here (and in ControlSpec): parse_spec
+    fills missing fields from them and the pipeline compares against them (Spec.num_steps)."""
 
     name: str
     prompt: str
@@ -262,15 +265,37 @@ def parse_spec(
     default = _default_name(source, index)
     name = obj.get("name") if isinstance(obj.get("name"), str) else default
     c = _Checker(f"spec {name!r} ({source})", Path(os.path.abspath(Path(base_dir).expanduser())))
+    _check_top_keys(c, obj)
+    spec = _top_fields(c, obj, source, default)
+    for key in SPEC_MODALITIES:
+        if key in obj:
+            control = _control_block(c, obj, key, annotated)
+            if control is not None:
+                spec.controls[key] = control
+    if require_control and not any(k in obj for k in SPEC_MODALITIES):
+        c.fail(None, f"needs at least one of {', '.join(SPEC_MODALITIES)} (a control block)")
+    if c.problems:
+        raise SpecError(c.problems)
+    return spec
+
+
+def _check_top_keys(c: _Checker, obj: dict) -> None:
     for key in obj:
         if key not in _TOP_KEYS and isinstance(obj[key], dict):  # a control block of another modality
             c.fail(key, f"unknown control modality (choose from {', '.join(SPEC_MODALITIES)})")
         elif key not in _TOP_KEYS:
             c.unknown(key, key, _TOP_KEYS)
+
+
+def _checked_name(c: _Checker, obj: dict, default: str) -> str:
     name = c.string(obj, "name", default, nullable=True)
     if not _SAFE_NAME.fullmatch(name) or set(name) == {"."}:
         c.fail("name", f"{name!r} is not a safe file stem (letters, digits, '_', '-', '.'; no path separators)")
+    return name
 
+
+def _checked_prompt(c: _Checker, obj: dict) -> str | None:
+    """`prompt` or the text of `prompt_path`, exactly one of them."""
     prompt = c.string(obj, "prompt", None, nullable=True)
     if "prompt_path" in obj and obj["prompt_path"] is not None:
         if prompt is not None:
@@ -281,71 +306,77 @@ def parse_spec(
         c.fail("prompt", "missing: give prompt or prompt_path")
     if prompt is not None and not prompt.strip():
         c.fail("prompt", "is empty")
+    return prompt
 
-    resolution = c.get(obj, "resolution", "", "720", (int, str), '480, 720 or a "HxW" string')
-    resolution = str(resolution)
+
+def _checked_resolution(c: _Checker, obj: dict) -> str:
+    resolution = str(c.get(obj, "resolution", "", Spec.resolution, (int, str), '480, 720 or a "HxW" string'))
     # HxW is for small test models (modules/pipeline.py generation_size); 480/720 pick Cosmos buckets.
     if resolution not in RESOLUTIONS and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", resolution):
         c.fail("resolution", f'must be 480, 720 or "HxW", got {_show(obj.get("resolution"))}')
-        resolution = "720"
+        return Spec.resolution
+    return resolution
 
-    spec = Spec(
+
+def _top_fields(c: _Checker, obj: dict, source: str, default_name: str) -> Spec:
+    """The spec's own fields (no control blocks); a missing or invalid one takes Spec's default.
+    The checks run in the file format's key order, which is the order of the problems listed."""
+    name = _checked_name(c, obj, default_name)
+    prompt = _checked_prompt(c, obj)
+    resolution = _checked_resolution(c, obj)
+    return Spec(
         name=name,
         prompt=prompt or "",
         source=source,
         resolution=resolution,
-        negative_prompt=c.string(obj, "negative_prompt", DEFAULT_NEGATIVE_PROMPT),
-        seed=c.integer(obj, "seed", 1, lo=0),
-        guidance=c.number(obj, "guidance", 3.0, 0, 7),
+        negative_prompt=c.string(obj, "negative_prompt", Spec.negative_prompt),
+        seed=c.integer(obj, "seed", Spec.seed, lo=0),
+        guidance=c.number(obj, "guidance", Spec.guidance, 0, 7),
         video_path=c.path(obj, "video_path"),
-        max_frames=c.integer(obj, "max_frames", None, nullable=True),
-        num_conditional_frames=c.integer(obj, "num_conditional_frames", 1, 0, 2),
-        num_video_frames_per_chunk=c.integer(obj, "num_video_frames_per_chunk", 93),
-        num_steps=c.integer(obj, "num_steps", 35),
-        show_control_condition=c.boolean(obj, "show_control_condition", False),
-        show_input=c.boolean(obj, "show_input", False),
-        keep_input_resolution=c.boolean(obj, "keep_input_resolution", True),
+        max_frames=c.integer(obj, "max_frames", Spec.max_frames, nullable=True),
+        num_conditional_frames=c.integer(obj, "num_conditional_frames", Spec.num_conditional_frames, 0, 2),
+        num_video_frames_per_chunk=c.integer(obj, "num_video_frames_per_chunk", Spec.num_video_frames_per_chunk),
+        num_steps=c.integer(obj, "num_steps", Spec.num_steps),
+        show_control_condition=c.boolean(obj, "show_control_condition", Spec.show_control_condition),
+        show_input=c.boolean(obj, "show_input", Spec.show_input),
+        keep_input_resolution=c.boolean(obj, "keep_input_resolution", Spec.keep_input_resolution),
         output_dir=c.path(obj, "output_dir", must_exist=False),
     )
 
-    for key in SPEC_MODALITIES:
-        if key not in obj:
-            continue
-        block = obj[key]
-        if not isinstance(block, dict):
-            c.fail(key, f"expected an object (a control block), got {_KINDS.get(type(block), 'value')} {_show(block)}")
-            continue
-        where, preset = key + ".", _PRESETS.get(key)
-        allowed = _CONTROL_KEYS + ((preset[0],) if preset else ())
-        for k in block:
-            owner = [m for m, (pk, _) in _PRESETS.items() if pk == k]
-            if owner and k not in allowed:
-                c.fail(where + k, f"only allowed in the {owner[0]} block")
-            elif k not in allowed:
-                c.unknown(k, where + k, allowed)
-        control = ControlSpec(
-            control_path=c.path(block, "control_path", where),
-            control_weight=c.number(block, "control_weight", 1.0, 0, 1, where),
-            mask_path=c.path(block, "mask_path", where),
-        )
-        if preset:
-            setattr(control, preset[0], c.choice(block, preset[0], "medium", preset[1], where))
-        if block.get("control_path") is None:
-            if not preset and key not in annotated:
-                c.fail(
-                    where + "control_path",
-                    f"missing: computed controls exist only for edge and vis "
-                    f"(or with an annotator hook, infer --annotator); give a {key} "
-                    "control video",
-                )
-            elif obj.get("video_path") is None:
-                c.fail(where + "control_path", f"missing, and no video_path to compute the {key} control from")
-        spec.controls[key] = control
-    if require_control and not any(k in obj for k in SPEC_MODALITIES):
-        c.fail(None, f"needs at least one of {', '.join(SPEC_MODALITIES)} (a control block)")
-    if c.problems:
-        raise SpecError(c.problems)
-    return spec
+
+def _control_block(c: _Checker, obj: dict, key: str, annotated: tuple[str, ...]) -> ControlSpec | None:
+    """The `key` control block of a spec; None when it is no object. A control without a
+    control_path must be one the pipeline can compute from the spec's input video."""
+    block = obj[key]
+    if not isinstance(block, dict):
+        c.fail(key, f"expected an object (a control block), got {_KINDS.get(type(block), 'value')} {_show(block)}")
+        return None
+    where, preset = key + ".", _PRESETS.get(key)
+    allowed = _CONTROL_KEYS + ((preset[0],) if preset else ())
+    for k in block:
+        owner = [m for m, (pk, _) in _PRESETS.items() if pk == k]
+        if owner and k not in allowed:
+            c.fail(where + k, f"only allowed in the {owner[0]} block")
+        elif k not in allowed:
+            c.unknown(k, where + k, allowed)
+    control = ControlSpec(
+        control_path=c.path(block, "control_path", where),
+        control_weight=c.number(block, "control_weight", ControlSpec.control_weight, 0, 1, where),
+        mask_path=c.path(block, "mask_path", where),
+    )
+    if preset:
+        setattr(control, preset[0], c.choice(block, preset[0], getattr(ControlSpec, preset[0]), preset[1], where))
+    if block.get("control_path") is None:
+        if not preset and key not in annotated:
+            c.fail(
+                where + "control_path",
+                f"missing: computed controls exist only for edge and vis "
+                f"(or with an annotator hook, infer --annotator); give a {key} "
+                "control video",
+            )
+        elif obj.get("video_path") is None:
+            c.fail(where + "control_path", f"missing, and no video_path to compute the {key} control from")
+    return control
 
 
 def load_specs(

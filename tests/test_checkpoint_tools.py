@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from modules.checkpoint import Checkpoint, network_config, read_meta
 from modules.denoiser import Cond, Denoiser
 from modules.sampling import Sampler, SamplerConfig
 from tools.cli import main
-from tools.consolidate import Checkpoint, network_config, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 # wide enough that the exported network (71 MiB in fp32), not the interpreter, is what the memory
@@ -23,24 +23,30 @@ ROOT = Path(__file__).resolve().parents[1]
 NET = dict(dim=384, heads=6, depth=6)
 EMA_DECAY = 0.9
 # what the consolidate process imports besides the work: the allowance is this process's peak RSS
-IMPORTS = "import tools.cli, tools.consolidate, jsonargparse, tqdm, safetensors.torch, torch.distributed.checkpoint"
+IMPORTS = (
+    "import tools.cli, tools.consolidate, modules.checkpoint, jsonargparse, tqdm, safetensors.torch, "
+    "torch.distributed.checkpoint"
+)
 
 
 def worker() -> None:
     """train_worker.py's run, with EMA, export_to and the wider network (python -m tests.test_checkpoint_tools)."""
     import runpy
+    from dataclasses import replace
 
-    import modules.control
+    from modules.stages import control_training
     from modules.stages.base import NetSpec
 
     out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--out="))
 
-    class WithEMA(modules.stages.ControlTraining):
+    class WithEMA(control_training.ControlTraining):
         def __init__(self, **kwargs):
             kwargs["net"] = NetSpec("tiny", overrides=NET)
-            super().__init__(ema_decay=EMA_DECAY, export_to=out + ".export", **kwargs)
+            kwargs["options"] = replace(kwargs["options"], ema_decay=EMA_DECAY, export_to=out + ".export")
+            super().__init__(**kwargs)
 
-    modules.stages.ControlTraining = WithEMA
+    # train_worker imports ControlTraining from this module when it runs
+    control_training.ControlTraining = WithEMA
     runpy.run_module("tests.helpers.train_worker", run_name="__main__")
 
 

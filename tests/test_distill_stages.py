@@ -4,6 +4,7 @@ trains when, and exact resume. The loss math itself is proven on the 2-D toy (te
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -13,13 +14,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from modules.denoiser import Cond, Denoiser
 from modules.nets import preset
 from modules.parallel import ShardingConfig
-from modules.stages.base import NetSpec, OptimSpec, TextSpec, TokenizerSpec
+from modules.stages.base import OPTIONS, NetSpec, OptimSpec, StageOptions, TextSpec, TokenizerSpec
 from modules.stages.dmd2 import DMD2, GANSpec
 from modules.stages.kd_warmup import KDWarmup
 from tests.helpers.latents import LATENT, loader
 
 FP32 = ShardingConfig(param_dtype="none", checkpointing="none")
-NO_IO = dict(tokenizer=TokenizerSpec(kind="none"), text=TextSpec(encoder="none"), sharding=FP32)
+NO_IO = dict(options=StageOptions(tokenizer=TokenizerSpec(kind="none"), text=TextSpec(encoder="none"), sharding=FP32))
 
 
 def teacher_dir(path, channels: int = LATENT[0], seed: int = 0) -> str:
@@ -84,6 +85,8 @@ def dmd2(tmp_path, **kw) -> DMD2:
         critic_optim=OptimSpec(lr=1e-3, warmup_steps=1),
         **NO_IO,
     )
+    options = {k: kw.pop(k) for k in list(kw) if k in OPTIONS}  # StageOptions fields by name
+    args["options"] = replace(args["options"], **options)
     return DMD2(**(args | kw))
 
 
@@ -171,12 +174,30 @@ def test_kd_inputs_are_the_saved_states(tmp_path):
         KDWarmup(student, t_shift=3.0, **NO_IO).inputs(batch, 0)
 
 
+def test_kd_accumulation_equals_one_large_batch(tmp_path):
+    """Accumulating 2 micro-batches of 2 equals one batch of 4: sample i of micro-batch m draws
+    its t_k from the stream of its global index (m * b + i), as in ControlTraining."""
+    teacher = teacher_dir(tmp_path / "t")
+    samples = [{k: v[i] for k, v in kd_batch(8).items()} for i in range(8)]  # 2 steps x 4 samples
+
+    def fit(batch_size: int, accumulate: int) -> dict:
+        module = KDWarmup(NetSpec(init_from=teacher), optim=OptimSpec(lr=3e-3, warmup_steps=1), **NO_IO)
+        tr = trainer(2, accumulate_grad_batches=accumulate)
+        tr.fit(module, torch.utils.data.DataLoader(samples, batch_size=batch_size, shuffle=False))
+        assert tr.global_step == 2
+        return state(module.model)
+
+    acc, big = fit(2, 2), fit(4, 1)
+    assert any(not torch.equal(acc[k], v) for k, v in state(Denoiser.from_pretrained(teacher)).items())
+    for k in big:
+        torch.testing.assert_close(acc[k], big[k], atol=1e-6, rtol=1e-5)
+
+
 def test_kd_warmup_fits_the_teacher_targets(tmp_path):
     module = KDWarmup(
         NetSpec(init_from=teacher_dir(tmp_path / "t")),
         optim=OptimSpec(lr=3e-3, warmup_steps=1),
-        export_to=str(tmp_path / "student"),
-        **NO_IO,
+        options=replace(NO_IO["options"], export_to=str(tmp_path / "student")),
     )
     batch = kd_batch(4)
     module.configure_model()

@@ -292,6 +292,30 @@ def test_student_sampler_uses_its_t_list_or_the_requested_steps(model, clips, tm
     assert spec_sampler(settings, spec).t_list == (1.0,)
 
 
+def test_a_student_asked_for_the_default_steps_runs_its_t_list_and_says_so(model, clips):
+    """A spec written for the teacher (num_steps left at Transfer2.5's 35) runs the student's own
+    4-step t-list, with a warning naming what runs and how to ask for other steps."""
+    import warnings
+
+    settings = GenerationSettings.load(model)
+    t_list = (1.0, 0.75, 0.5, 0.25)
+    settings.sampler = asdict(SamplerConfig(sampler="student", t_list=t_list, shift=3.0))
+    spec = {"name": "s", "prompt": "a square", "video_path": "input.mp4", "resolution": "32x48", "max_frames": 2}
+    specs, _ = load_specs(_write(clips, json.dumps(dict(spec, edge={}))))
+    assert specs[0].num_steps == 35
+    pipe = Pipeline(
+        build_sampler(model, settings), settings, {c: torch.device("cpu") for c in ("text_encoder", "tokenizer", "dit")}
+    )
+    said = r"distilled for 4 steps; num_steps 35 \(the Transfer2.5 default\) runs its 4-step t-list.*--num-steps N"
+    with pytest.warns(UserWarning, match=said):
+        job = pipe.prepare(specs[0])
+    assert job.sampler.t_list == t_list and job.sampler.sampler == "student"
+    specs[0].num_steps = 4  # its own step count: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pipe.prepare(specs[0]).sampler.t_list == t_list
+
+
 class Recorder:
     """A stand-in pipeline that records which phase ran in which placement slot."""
 

@@ -246,12 +246,11 @@ def import_weights(
         modality: name of the control branch built from `src/controlnet` (edge, blur, depth, seg, keypoint).
         extra_controls: more control branches, modality -> diffusers controlnet folder
             (Transfer2.5 ships one ControlNet per modality).
-        dtype: keep, float32 or bfloat16.
+        dtype: keep (as stored) or a dtype name: float32, bfloat16, ... (modules/dtypes.py).
     """
-    dtypes = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {', '.join(dtypes)}")
-    model = load_diffusers(src, modality, extra_controls, dtypes[dtype])
+    from modules.dtypes import to_dtype
+
+    model = load_diffusers(src, modality, extra_controls, None if dtype == "keep" else to_dtype(dtype, "--dtype"))
     model.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
     print(f"imported {n / 1e6:.1f}M parameters ({', '.join(model.controls) or 'no controls'}) -> {out}")
