@@ -30,6 +30,7 @@ import torch
 
 from datamodules.codec import decode_video, resize_crop
 from datamodules.controls import CONTROL_INTERPOLATION, blur, edge, mask_video
+from datamodules.seeds import mix_seed
 
 from .denoiser import Cond, Denoiser
 from .sampling import DEFAULT_FPS, GenerationSettings, Sampler, SamplerConfig, to_uint8, to_unit
@@ -110,9 +111,7 @@ def _read(path: Path) -> tuple[np.ndarray, float]:
     return decode_video(path.read_bytes())
 
 
-def load_inputs(
-    spec: Spec, mode: str = "transfer", default_fps: float = DEFAULT_FPS, annotators: dict | None = None
-) -> Inputs:
+def load_inputs(spec: Spec, default_fps: float = DEFAULT_FPS, annotators: dict | None = None) -> Inputs:
     """Decode, cut to max_frames and resize the spec's videos; compute controls without a
     control_path from the input video (edge, vis, or `annotators[key](video)` -> (T, H, W, 3)
     uint8 for depth / seg / keypoint models plugged in by the user); masks times weights."""
@@ -271,7 +270,7 @@ class Pipeline:
 
     def __init__(
         self,
-        generator: Sampler,
+        sampler: Sampler,
         settings: GenerationSettings,
         devices: dict[str, torch.device],
         offload: tuple[str, ...] = (),
@@ -281,16 +280,20 @@ class Pipeline:
         progress: bool = False,
         annotators: dict | None = None,
     ):
-        if generator.tokenizer is None or generator.text_encoder is None:
+        if sampler.tokenizer is None or sampler.text_encoder is None:
             raise ValueError("inference needs a tokenizer and a text encoder (generation.json or the infer flags)")
-        self.g, self.settings, self.devices, self.offload = generator, settings, devices, set(offload)
+        self.sampler, self.settings, self.devices, self.offload = sampler, settings, devices, set(offload)
         self.reuse_latents, self.mode, self.dtype, self.progress = reuse_latents, mode, dtype, progress
         self.annotators = annotators or {}
         for name, module in self._components().items():
             module.to("cpu" if name in self.offload else devices[name])
 
     def _components(self) -> dict[str, torch.nn.Module]:
-        return {"text_encoder": self.g.text_encoder, "tokenizer": self.g.tokenizer, "dit": self.g.denoiser}
+        return {
+            "text_encoder": self.sampler.text_encoder,
+            "tokenizer": self.sampler.tokenizer,
+            "dit": self.sampler.denoiser,
+        }
 
     def _enter(self, name: str) -> torch.device:
         if name in self.offload:
@@ -309,13 +312,13 @@ class Pipeline:
     def prepare(self, spec: Spec) -> Prepared:
         """inputs + text + encode."""
         t0 = time.perf_counter()
-        inputs = load_inputs(spec, self.mode, self.settings.fps, self.annotators)
-        tok = self.g.tokenizer
+        inputs = load_inputs(spec, self.settings.fps, self.annotators)
+        tok = self.sampler.tokenizer
         p = plan(spec, inputs, tok, self.mode)
         sampler = spec_sampler(self.settings, spec)
         t1 = time.perf_counter()
         dev = self._enter("text_encoder")
-        emb, mask = self.g.text_encoder.encode([spec.prompt, spec.negative_prompt])
+        emb, mask = self.sampler.text_encoder.encode([spec.prompt, spec.negative_prompt])
         emb, mask = emb.to(dev), mask.to(dev)
         self._leave("text_encoder")
         text = (emb[:1], mask[:1], emb[1:], mask[1:])
@@ -354,7 +357,7 @@ class Pipeline:
         """The DiT phase: every chunk, each conditioned on the end of the previous one."""
         t0 = time.perf_counter()
         dev = self._enter("dit")
-        tok, p = self.g.tokenizer, job.plan
+        tok, p = self.sampler.tokenizer, job.plan
         C, T, H, W = tok.latent_shape(p.chunk, job.inputs.height, job.inputs.width)
         text = [x.to(dev) for x in job.text]
         previous = job.lead
@@ -376,11 +379,12 @@ class Pipeline:
                 cond_frames=None if cond_latents is None else frames,
                 fps=job.inputs.fps,
             )
-            gen = torch.Generator(device=dev).manual_seed(job.spec.seed * 1000 + k)
+            # chunk k's noise: seed * 1000 + k, the stream chunks have always drawn from
+            gen = torch.Generator(device=dev).manual_seed(mix_seed(job.spec.seed, k, strides=(1000,)))
             noise = torch.randn(1, C, T, H, W, generator=gen, device=dev)
             # states stay fp32 across steps; a bf16 network computes under autocast
             with torch.autocast(dev.type, self.dtype, enabled=self.dtype != torch.float32):
-                x0 = self.g.sample(cond, noise, job.sampler, generator=gen, progress=self.progress)
+                x0 = self.sampler.sample(cond, noise, job.sampler, generator=gen, progress=self.progress)
             x0 = x0.float()
             job.latents.append(x0.cpu())
             if k + 1 < len(p.starts):
@@ -394,8 +398,8 @@ class Pipeline:
         """Conditioning latents for chunk k + 1 as Cosmos makes them: decode chunk k, take its last
         `overlap` frames, encode them. The decoded chunk is kept for the output."""
         dev = self._enter("tokenizer")
-        pixels = self.g.tokenizer.decode(x0.to(dev))
-        z = self.g.tokenizer.encode(pixels[:, :, -job.plan.overlap :])
+        pixels = self.sampler.tokenizer.decode(x0.to(dev))
+        z = self.sampler.tokenizer.encode(pixels[:, :, -job.plan.overlap :])
         self._leave("tokenizer")
         job.pixels[k] = to_uint8(pixels)[0].permute(1, 2, 3, 0).cpu().numpy()
         return z
@@ -410,7 +414,7 @@ class Pipeline:
             v = (
                 job.pixels.pop(k)
                 if k in job.pixels
-                else to_uint8(self.g.tokenizer.decode(z.to(dev)))[0].permute(1, 2, 3, 0).cpu().numpy()
+                else to_uint8(self.sampler.tokenizer.decode(z.to(dev)))[0].permute(1, 2, 3, 0).cpu().numpy()
             )
             parts.append(v if k == 0 else v[job.plan.overlap :])
         self._leave("tokenizer")

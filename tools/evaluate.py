@@ -43,7 +43,7 @@ def score(run: Path, info: dict, tolerance: int) -> dict:
     # only edge and vis are scored: other controls (maybe from an annotator) are not recomputed
     scored = {k: v for k, v in info["spec"].items() if k not in ("depth", "seg", "keypoint")}
     spec = parse_spec(scored, Path("/"), source=str(run / f"{info['spec']['name']}.json"), require_control=False)
-    inputs = load_inputs(spec, info.get("mode", "transfer"))
+    inputs = load_inputs(spec)
     video = load_generated(run, info)
     n = min(len(video), inputs.frames)
     row = {
