@@ -40,6 +40,9 @@ __all__ = [
     "SHAPE_COLOURS",
     "FLOOR_COLOURS",
     "PATTERNS",
+    "SHAPES_MEMBER",
+    "load_shapes",
+    "shapes_bytes",
     "synthetic_clip",
     "write_synthetic_shards",
     "write_latent_shards",
@@ -129,7 +132,8 @@ def synthetic_clip(
     floors: Sequence[str] = PATTERNS,
     floor_colours: Sequence[str] | None = None,
     shape_scale: float = 1.0,
-) -> tuple[np.ndarray, str]:
+    with_shapes: bool = False,
+) -> tuple[np.ndarray, str] | tuple[np.ndarray, str, np.ndarray]:
     """Draw one captioned clip of 1-3 moving, scaling shapes over a textured floor.
 
     Args:
@@ -141,9 +145,12 @@ def synthetic_clip(
         floor_colours: floor colour names to draw from (`FLOOR_COLOURS`; None: all of them).
         shape_scale: multiplies every shape's size (1: radii of 7-20% of the shorter side). A
             tiny model on coarse tokens needs shapes several tokens wide to draw them.
+        with_shapes: also return where the shapes are (the ground truth of `shape_iou`).
 
     Returns:
-        ``(frames, caption)``: frames (T, H, W, 3) uint8 RGB and an English caption.
+        ``(frames, caption)``: frames (T, H, W, 3) uint8 RGB and an English caption; with
+        `with_shapes`, ``(frames, caption, shapes)``, shapes (T, H, W) bool: the pixels the
+        shapes cover at least half (drawn with the same anti-aliasing, drawing no random number).
     """
     if num_frames < 1 or height < 8 or width < 8:
         raise ValueError(f"need num_frames >= 1 and a frame of at least 8x8, got {num_frames}x{height}x{width}")
@@ -179,13 +186,39 @@ def synthetic_clip(
         caption += ", and " + ", and ".join(phrases[1:])
 
     frames = np.empty((num_frames, height, width, 3), np.uint8)
+    cover = np.zeros((num_frames, height, width), np.uint8)
     for t in range(num_frames):
         a = t / max(num_frames - 1, 1)  # 0 -> 1 over the clip
         frame = frames[t]
         frame[:] = floor
         for kind, rgb, cx, cy, mx, my, r0, r1 in shapes:
             _draw(frame, kind, cx + a * mx, cy + a * my, r0 + a * (r1 - r0), rgb)
-    return frames, caption
+            if with_shapes:
+                _draw(cover[t], kind, cx + a * mx, cy + a * my, r0 + a * (r1 - r0), (255,))
+    return (frames, caption, cover >= 128) if with_shapes else (frames, caption)
+
+
+SHAPES_MEMBER = "shapes.npy"
+"""The member holding a synthetic clip's shape masks: (T, H, W) bool as a .npy file."""
+
+
+def shapes_bytes(shapes: np.ndarray) -> bytes:
+    """(T, H, W) bool shape masks as the bytes of a .npy file (what SHAPES_MEMBER holds)."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(shapes, dtype=bool), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_shapes(data: bytes) -> np.ndarray:
+    """The (T, H, W) bool shape masks of a SHAPES_MEMBER or a `<name>.shapes.npy` file."""
+    import io
+
+    shapes = np.load(io.BytesIO(data), allow_pickle=False)
+    if shapes.ndim != 3:
+        raise ValueError(f"shape masks must be (T, H, W), got {shapes.shape}")
+    return shapes.astype(bool)
 
 
 def _check_colours(colours: Sequence[str] | None) -> None:
@@ -263,8 +296,8 @@ def write_synthetic_shards(
 
     def build(key: str) -> list[tuple[str, bytes]]:
         index = int(key.rsplit("-", 1)[1])
-        frames, caption = synthetic_clip(
-            _sample_rng(seed, index), num_frames, height, width, floors, floor_colours, shape_scale
+        frames, caption, cover = synthetic_clip(
+            _sample_rng(seed, index), num_frames, height, width, floors, floor_colours, shape_scale, with_shapes=True
         )
         meta = {
             "caption": caption,
@@ -278,6 +311,7 @@ def write_synthetic_shards(
             "controls": [f"{m}.mp4" for m in controls],
         }
         members = [("mp4", encode_video(frames, fps)), ("txt", caption.encode()), ("json", json.dumps(meta).encode())]
+        members.append((SHAPES_MEMBER, shapes_bytes(cover)))
         for m in controls:
             members.append((f"{m}.mp4", encode_video(compute_control(m, frames, preset="medium"), fps)))
         return members
@@ -290,6 +324,7 @@ def write_synthetic_shards(
         "fps": fps,
         "controls": controls,
         "version": 1,
+        "shapes": SHAPES_MEMBER,  # shards written before the member existed are rewritten
     }
     if floors != PATTERNS:  # only then, so shards written before the option still resume
         config["floors"] = floors

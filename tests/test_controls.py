@@ -21,7 +21,7 @@ from datamodules.controls import (
     random_edge_thresholds,
     render_keypoints,
 )
-from datamodules.metrics import blur_ssim, edge_f1
+from datamodules.metrics import blur_ssim, edge_f1, psnr, shape_iou
 
 T, H, W = 8, 48, 64
 
@@ -251,3 +251,54 @@ def test_blur_ssim() -> None:
     assert blur_ssim(a, np.zeros_like(a)) < blur_ssim(a, b)
     with pytest.raises(ValueError, match="shape"):
         blur_ssim(a, a[:4])
+
+
+def _square_clip(x0: int, colour=(230, 30, 30)) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-frame 32x48 clip: a 12x12 square at column x0 on the black floor, and its mask."""
+    video = np.full((2, 32, 48, 3), 25, np.uint8)
+    shapes = np.zeros((2, 32, 48), bool)
+    video[:, 10:22, x0 : x0 + 12] = colour
+    shapes[:, 10:22, x0 : x0 + 12] = True
+    return video, shapes
+
+
+def test_shape_iou_perfect_empty_and_shifted() -> None:
+    video, shapes = _square_clip(10)
+    assert shape_iou(video, shapes) == 1.0  # exactly the shapes
+    blank = np.full_like(video, 25)  # the floor alone (max 25 <= 40)
+    assert shape_iou(blank, shapes) == 0.0
+    assert shape_iou(blank, np.zeros_like(shapes)) == 1.0  # nothing where nothing is
+    moved, _ = _square_clip(16)  # shifted by 6 of 12 columns: overlap 6x12, union 18x12
+    assert shape_iou(moved, shapes) == pytest.approx(6 / 18)
+    dim, _ = _square_clip(10, colour=(40, 40, 40))  # not brighter than the level: not a shape
+    assert shape_iou(dim, shapes) == 0.0
+    half = video.copy()
+    half[1] = 25  # one frame right, one empty: the mean over frames
+    assert shape_iou(half, shapes) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="differ in size"):
+        shape_iou(video[:1], shapes)
+
+
+def test_psnr_against_hand_computed_values() -> None:
+    video, _ = _square_clip(10)
+    assert psnr(video, video) == 100.0  # identical: the cap
+    off = video.astype(np.int16) + 5  # every value 5 off: MSE 25
+    assert psnr(off.clip(0, 255).astype(np.uint8), video) == pytest.approx(10 * np.log10(255**2 / 25))
+    with pytest.raises(ValueError, match="differ in size"):
+        psnr(video[:1], video)
+
+
+def test_synthetic_shapes_are_the_drawn_shapes() -> None:
+    """The masks synthetic shards carry are where the generator drew its shapes: the clip's own
+    frames score near 1 against them (anti-aliased rims aside), and drawing them changes no pixel
+    and no random draw of the clip."""
+    import random
+
+    from datamodules.synthetic import load_shapes, shapes_bytes, synthetic_clip
+
+    plain = synthetic_clip(random.Random(3), 4, 32, 48, ("plain",), ("black",), 1.8)
+    frames, caption, shapes = synthetic_clip(random.Random(3), 4, 32, 48, ("plain",), ("black",), 1.8, with_shapes=True)
+    assert np.array_equal(plain[0], frames) and plain[1] == caption
+    assert shapes.shape == (4, 32, 48) and 0.05 < shapes.mean() < 0.95
+    assert shape_iou(frames, shapes) > 0.9
+    assert np.array_equal(load_shapes(shapes_bytes(shapes)), shapes)

@@ -2,10 +2,15 @@
 
     vidistill evaluate outputs/teacher outputs/kd outputs/dmd2 --out eval
 
+    vidistill evaluate outputs/teacher outputs/dmd2 --reference specs/videos --out eval
+
 Each argument is an infer output directory (one model). For every generated spec it recomputes
 the controls the way infer made them (the resolved spec in `<name>.json`) and scores the video
 against them: Edge F1 for an edge control, Blur SSIM against the input video for a vis (blur)
-control. Writes OUT/metrics.json, OUT/metrics.md and OUT/metrics.svg (a bar chart, no plotting
+control. With `--reference DIR`, clips that have ground truth there are also scored against it:
+PSNR against `DIR/<name>.mp4` and shape IoU against `DIR/<name>.shapes.npy` (make-specs writes
+both for synthetic clips). Every measure is averaged over clips, with its standard deviation
+beside it. Writes OUT/metrics.json, OUT/metrics.md and OUT/metrics.svg (a bar chart, no plotting
 package needed) and prints the markdown table.
 """
 
@@ -14,7 +19,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 import numpy as np
 
@@ -35,7 +40,38 @@ def load_generated(run: Path, info: dict) -> np.ndarray:
     return frames
 
 
-def score(run: Path, info: dict, tolerance: int) -> dict:
+# the measures averaged over clips, each with its standard deviation (`<key>_std`)
+SCORES = ("shape_iou", "psnr", "edge_f1", "blur_ssim")
+
+
+def score_reference(video: np.ndarray, name: str, reference: Path) -> dict:
+    """PSNR against `reference/<name>.mp4` and shape IoU against `reference/<name>.shapes.npy`,
+    each where the file exists, over the frames both have."""
+    import cv2
+
+    from datamodules.codec import decode_video
+    from datamodules.metrics import psnr, shape_iou
+    from datamodules.synthetic import load_shapes
+
+    row = {}
+    clip = reference / f"{name}.mp4"
+    if clip.is_file():
+        truth, _ = decode_video(clip.read_bytes())
+        if truth.shape[1:3] != video.shape[1:3]:
+            truth = np.stack([cv2.resize(f, video.shape[2:0:-1], interpolation=cv2.INTER_AREA) for f in truth])
+        n = min(len(video), len(truth))
+        row["psnr"] = psnr(video[:n], truth[:n])
+    masks = reference / f"{name}.shapes.npy"
+    if masks.is_file():
+        shapes = load_shapes(masks.read_bytes())
+        if shapes.shape[1:] != video.shape[1:3]:
+            raise ValueError(f"{masks}: masks {shapes.shape[1:]} are not the video's size {video.shape[1:3]}")
+        n = min(len(video), len(shapes))
+        row["shape_iou"] = shape_iou(video[:n], shapes[:n])
+    return row
+
+
+def score(run: Path, info: dict, tolerance: int, reference: Path | None = None) -> dict:
     from datamodules.metrics import blur_ssim, edge_f1
     from modules.pipeline import load_inputs
     from modules.spec import parse_spec
@@ -59,23 +95,54 @@ def score(run: Path, info: dict, tolerance: int) -> dict:
         )
     if "blur" in inputs.controls and inputs.video is not None:
         row["blur_ssim"] = blur_ssim(video[:n], inputs.video[:n], spec.controls["vis"].preset_blur_strength)
+    if reference is not None:
+        row.update(score_reference(video, spec.name, reference))
     return row
 
 
-def evaluate(runs: list[str], *, out: str = "eval", labels: list[str] | None = None, tolerance: int = 1) -> dict:
+def summarise(label: str, run: Path, rows: list[dict]) -> dict:
+    """A run's means over clips (and the standard deviation of each score) of its per-clip rows."""
+    summary = {"label": label, "dir": str(run), "videos": len(rows)}
+    for key in (*SCORES, "nfe", "seconds", "denoise_s"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            summary[key] = mean(values)
+            if key in SCORES:
+                summary[f"{key}_std"] = stdev(values) if len(values) > 1 else 0.0
+    return summary
+
+
+def evaluate(
+    runs: list[str],
+    *,
+    out: str = "eval",
+    labels: list[str] | None = None,
+    sources: list[str] | None = None,
+    reference: str | None = None,
+    tolerance: int = 1,
+) -> dict:
     """Score infer output directories; the first is the reference for the speed-up column.
 
     Args:
         runs: infer output directories (e.g. teacher, KD student, DMD2 student).
         out: where metrics.json, metrics.md and metrics.svg go.
         labels: a name per run (default: the directory names).
+        sources: where each run's model came from, written beside its scores (e.g. "shipped",
+            "trained in this run: 50 steps").
+        reference: folder of ground truth per spec name: <name>.mp4 (PSNR) and <name>.shapes.npy
+            (shape IoU); clips without a file there are scored without it.
         tolerance: Edge F1 pixel tolerance.
+
+    Returns the metrics (what metrics.json holds).
     """
     from tqdm import tqdm
 
     labels = labels or [Path(r).name for r in runs]
-    if len(labels) != len(runs):
-        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    if len(labels) != len(runs) or (sources is not None and len(sources) != len(runs)):
+        raise ValueError(f"{len(labels)} labels and {len(sources or runs)} sources for {len(runs)} runs")
+    ref_dir = Path(reference) if reference else None
+    if ref_dir is not None and not ref_dir.is_dir():
+        raise FileNotFoundError(f"--reference {reference}: no such folder")
     results = {"runs": [], "tolerance": tolerance}
     for label, run in zip(labels, runs):
         run = Path(run)
@@ -86,12 +153,10 @@ def evaluate(runs: list[str], *, out: str = "eval", labels: list[str] | None = N
                 infos.append(info)
         if not infos:
             raise FileNotFoundError(f"{run}: no infer outputs (<name>.json written by vidistill infer)")
-        rows = [score(run, info, tolerance) for info in tqdm(infos, desc=f"evaluate {label}", unit="video")]
-        summary = {"label": label, "dir": str(run), "videos": len(rows)}
-        for key in ("edge_f1", "blur_ssim", "nfe", "seconds", "denoise_s"):
-            values = [r[key] for r in rows if r.get(key) is not None]
-            if values:
-                summary[key] = mean(values)
+        rows = [score(run, info, tolerance, ref_dir) for info in tqdm(infos, desc=f"evaluate {label}", unit="video")]
+        summary = summarise(label, run, rows)
+        if sources is not None:
+            summary["source"] = sources[len(results["runs"])]
         results["runs"].append({**summary, "rows": rows})
     ref = results["runs"][0]
     for r in results["runs"]:
@@ -111,24 +176,40 @@ def _fmt(v, digits: int = 3) -> str:
     return "–" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def _mean_std(r: dict, key: str, digits: int = 3) -> str:
+    if r.get(key) is None:
+        return "–"
+    return f"{r[key]:.{digits}f} ± {r[f'{key}_std']:.{digits}f}"
+
+
 def markdown(results: dict) -> str:
-    ref = results["runs"][0]["label"]
+    """The table of means ± standard deviations over clips; shape IoU and PSNR only when some run
+    was scored against ground truth."""
+    runs, ref = results["runs"], results["runs"][0]["label"]
+    truth = [k for k in ("shape_iou", "psnr") if any(k in r for r in runs)]
+    names = {"shape_iou": "shape IoU", "psnr": "PSNR (dB)"}
+    head = [names[k] for k in truth] + [f"Edge F1 (tol {results['tolerance']} px)", "Blur SSIM"]
     lines = [
-        f"| model | videos | Edge F1 (tol {results['tolerance']} px) | Blur SSIM | NFE | seconds | speed-up vs {ref} |",
-        "|---|---|---|---|---|---|---|",
+        f"| model | videos | {' | '.join(head)} | NFE | seconds | speed-up vs {ref} |",
+        "|---|---|" + "---|" * len(head) + "---|---|---|",
     ]
-    for r in results["runs"]:
+    for r in runs:
+        cells = [_mean_std(r, k, 2 if k == "psnr" else 3) for k in (*truth, "edge_f1", "blur_ssim")]
         lines.append(
-            f"| {r['label']} | {r['videos']} | {_fmt(r.get('edge_f1'))} | {_fmt(r.get('blur_ssim'))} | "
+            f"| {r['label']} | {r['videos']} | {' | '.join(cells)} | "
             f"{_fmt(r.get('nfe'), 1)} | {_fmt(r.get('seconds'), 2)} | {r['speedup']:.2f}x |"
         )
     return "\n".join(lines)
 
 
 def svg_chart(results: dict) -> str:
-    """Grouped bars: Edge F1 and Blur SSIM per model (0..1), with NFE and speed-up as labels."""
+    """Grouped bars: shape IoU, Edge F1 and Blur SSIM per model (0..1), NFE and speed-up as labels."""
     runs = results["runs"]
-    metrics = [("edge_f1", "Edge F1", "#3b7dd8"), ("blur_ssim", "Blur SSIM", "#e08a2c")]
+    metrics = [
+        ("shape_iou", "shape IoU", "#2ca25f"),
+        ("edge_f1", "Edge F1", "#3b7dd8"),
+        ("blur_ssim", "Blur SSIM", "#e08a2c"),
+    ]
     metrics = [m for m in metrics if any(m[0] in r for r in runs)]
     bar, gap, top, plot_h = 28, 44, 30, 180
     group = bar * max(len(metrics), 1) + gap

@@ -2,11 +2,12 @@
 
     vidistill make-specs runs/quickstart/data/val --out specs --controls edge,vis --num 8
 
-Writes OUT/videos/<key>.mp4 (the clip's own bytes) and OUT/<file> (default specs.jsonl), one
+Writes OUT/videos/<key>.mp4 (the clip's own bytes), OUT/videos/<key>.shapes.npy (its shape
+masks, when the shard carries them: the synthetic clips do) and OUT/<file> (default specs.jsonl), one
 spec per clip: its caption as prompt, the clip as video_path, its size as resolution and its frame
 count as max_frames, one control block per name in `controls` (computed on the fly from the video
 by infer). So a model is evaluated on the very clips its validation used, through `vidistill infer`
-and `vidistill evaluate`.
+and `vidistill evaluate --reference OUT/videos` (PSNR against the clip, shape IoU against its masks).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def make_specs(
 
     from datamodules.codec import probe
     from datamodules.shards import expand_shards
+    from datamodules.synthetic import SHAPES_MEMBER
     from modules.spec import MODALITY_NAMES
 
     keys = [k for k in controls.split(",") if k]
@@ -64,6 +66,8 @@ def make_specs(
             continue
         video = root / "videos" / f"{key}.mp4"
         video.write_bytes(sample["mp4"])
+        if SHAPES_MEMBER in sample:
+            (root / "videos" / f"{key}.shapes.npy").write_bytes(sample[SHAPES_MEMBER])
         caption = sample["txt"].decode() if "txt" in sample else json.loads(sample["json"])["caption"]
         info = probe(sample["mp4"])
         spec = {
