@@ -2,7 +2,9 @@
 caption, text embeddings, latents), and the collation of samples into a batch.
 
 Every way a sample can be broken raises one of `SAMPLE_ERRORS`, which the datasets in
-datamodules/video.py catch to skip and count the sample.
+datamodules/video.py catch to skip and count the sample. `SampleLoader.check` finds the same
+without decoding frames (the probe of the training shards at setup). A video smaller than the
+clip size asked for (width or height) is broken: it would be upscaled.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from datamodules.controls import (
 )
 from datamodules.formats import TEXT_MEMBER, load_text
 
-__all__ = ["SAMPLE_ERRORS", "SampleLoader", "check_fits", "collate"]
+__all__ = ["CHECK_VERSION", "SAMPLE_ERRORS", "SampleLoader", "check_fits", "collate"]
 
 # What a broken sample raises (json and unicode errors are ValueErrors).
 SAMPLE_ERRORS = (VideoDecodeError, KeyError, ValueError, cv2.error, SafetensorError)
+# Bump when `SampleLoader.check` finds other samples broken: cached probes of shards are redone.
+CHECK_VERSION = 1
 _COMPUTABLE = ("edge", "blur")
 
 
@@ -63,8 +67,37 @@ class SampleLoader:
         self.modality, self.control_preset = modality, control_preset
         self.use_text_embeddings, self.use_latents = use_text_embeddings, use_latents
 
+    def requirements(self) -> str:
+        """What `check` depends on, as a stable string (keys the probe cache of the shards)."""
+        return json.dumps(
+            {
+                "version": CHECK_VERSION,
+                "frames": self.num_frames,
+                "size": [self.height, self.width],
+                "stride": self.stride,
+                "target_fps": self.target_fps,
+                "modality": self.modality,
+                "text": self.use_text_embeddings,
+                "latents": self.use_latents,
+                "kd": self.use_kd,
+            },
+            sort_keys=True,
+        )
+
+    def check(self, raw: dict) -> None:
+        """Raise one of `SAMPLE_ERRORS` where training would find `raw` broken, as far as its
+        members and its videos' container headers tell (frame count, fps and size; no frame is
+        decoded unless a container does not know its frame count). It reads what `__call__`
+        reads and nothing else (with `use_latents` the mp4 is only opened where a control or the
+        fps needs it). Stricter than one call in one way: a per-frame member (keypoint.json,
+        mask.mp4) must cover every frame a random clip start can reach."""
+        self._load(raw, None, decode=False)
+
     def __call__(self, raw: dict, rng: random.Random | None) -> dict:
         """rng given: training (random clip start and control parameters); None: validation."""
+        return self._load(raw, rng, decode=True)
+
+    def _load(self, raw: dict, rng: random.Random | None, decode: bool) -> dict:
         meta = _json(raw)
         out: dict[str, Any] = {"key": raw["__key__"], "caption": _caption(raw, meta)}
         if self.use_text_embeddings:
@@ -75,7 +108,7 @@ class SampleLoader:
                 )
             out["text_emb"], out["text_mask"] = emb, mask
         if self.use_kd and self._kd(raw, out):
-            out["fps"] = self._clip_fps(_fps_from(meta, raw))
+            out["fps"] = _check_fps(self._clip_fps(_fps_from(meta, raw)))
             return out
         need_pixels = not self.use_latents
         if self.use_latents:
@@ -88,16 +121,23 @@ class SampleLoader:
                 need_pixels = True  # control pixels from the video's first clip (the latents' clip)
         if not need_pixels:
             src_fps = _fps_from(meta, raw)
-            out["fps"] = self._clip_fps(src_fps)
+            out["fps"] = _check_fps(self._clip_fps(src_fps))
             if "mask.mp4" in raw:  # the latents' clip: the first one
                 indices = clip_indices(
                     1 << 30, self.num_frames, self.stride, src_fps if self.target_fps else None, self.target_fps, 0
                 )
-                out["mask"] = self._mask(raw["mask.mp4"], indices)
+                if decode:
+                    out["mask"] = self._mask(raw["mask.mp4"], indices)
+                else:
+                    _check_length(raw["mask.mp4"], max(indices) + 1, "mask.mp4")
             return out
 
         data = raw["mp4"]
         info = probe(data)
+        if info.width < self.width or info.height < self.height:
+            raise ValueError(
+                f"video is {info.width}x{info.height}, smaller than the {self.width}x{self.height} asked for"
+            )
         src_fps = info.fps if info.fps > 0 else float(meta.get("fps", 0.0))
         everything = None
         total = info.frames
@@ -108,9 +148,13 @@ class SampleLoader:
         indices = clip_indices(
             total, self.num_frames, self.stride, src_fps if self.target_fps else None, self.target_fps, start, rng
         )
+        out["fps"] = _check_fps(self._clip_fps(src_fps))
+        if not decode:  # the frames a training clip can reach: any with a random start, else the first clip's
+            reach = max(indices) + 1 if self.use_latents or self.use_kd else total
+            self._check_members(raw, info, reach, out)
+            return out
         frames = everything[indices] if everything is not None else decode_video(data, indices)[0]
         frames = resize_crop(frames, self.height, self.width)
-        out["fps"] = self._clip_fps(src_fps)
         if not self.use_latents:
             out["video"] = _to_tensor(frames)
         if self.modality is not None and "control_latent" not in out and "control" not in out:
@@ -121,6 +165,22 @@ class SampleLoader:
         if "mask.mp4" in raw:
             out["mask"] = self._mask(raw["mask.mp4"], indices)
         return out
+
+    def _check_members(self, raw: dict, info, reach: int, out: dict) -> None:
+        """`check`'s part for the control and the mask, which must cover the first `reach` frames."""
+        m = self.modality
+        if m is not None and "control_latent" not in out and "control" not in out:
+            if f"{m}.mp4" in raw:
+                _check_same_video(raw[f"{m}.mp4"], info, f"{m}.mp4")
+            elif m == "keypoint" and "keypoint.json" in raw:
+                per_frame = json.loads(raw["keypoint.json"])
+                if not isinstance(per_frame, list) or len(per_frame) < reach:
+                    raise ValueError(f"keypoint.json has no entry for frame {reach - 1}")
+                np.asarray(per_frame[:reach], dtype=np.float32)  # ragged -> ValueError
+            elif m not in _COMPUTABLE:
+                raise KeyError(f"sample has no {m}.mp4" + (" or keypoint.json" if m == "keypoint" else ""))
+        if "mask.mp4" in raw:
+            _check_length(raw["mask.mp4"], reach, "mask.mp4")
 
     def _kd(self, raw: dict, out: dict) -> bool:
         """Put kd.safetensors into `out`; True when nothing else needs decoding."""
@@ -180,6 +240,19 @@ def _check_same_video(data: bytes, clip, name: str) -> None:
         raise ValueError(f"{name} is {ctl.width}x{ctl.height}, its clip {clip.width}x{clip.height}")
     if ctl.frames > 0 and clip.frames > 0 and ctl.frames != clip.frames:
         raise ValueError(f"{name} has {ctl.frames} frames, its clip {clip.frames}")
+
+
+def _check_length(data: bytes, needed: int, name: str) -> None:
+    """A per-frame video member must open and, where its container says, have `needed` frames."""
+    frames = probe(data).frames
+    if 0 < frames < needed:
+        raise VideoDecodeError(f"{name} has {frames} frames, {needed} are needed")
+
+
+def _check_fps(fps: float) -> float:
+    if not fps > 0 or not math.isfinite(fps):
+        raise ValueError(f"bad fps {fps}")
+    return fps
 
 
 def _json(raw: dict) -> dict:

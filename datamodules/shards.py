@@ -1,48 +1,65 @@
-"""Shard lists, raw tar reading, sample counting and the per-epoch shard assignment.
+"""Shard lists, raw tar reading, sample counting, the probe of every sample and the epoch split.
 
 Everything here works on *raw* samples: ``dict`` of ``{"__key__", "__url__", ext: bytes}``
 grouped from consecutive tar members with the same key, exactly as webdataset groups them
 (key = member path up to the first dot of its base name, extension = the rest, lower-cased:
-``abc.edge.mp4`` -> key ``abc``, ext ``edge.mp4``). Nothing is decoded here, so skipping a
-sample (resume fast-forward) costs reading its bytes past, never decoding them.
+``abc.edge.mp4`` -> key ``abc``, ext ``edge.mp4``). Nothing is decoded here (the probe's
+`check` is the caller's), so passing over a sample costs reading its bytes past at most (a local
+shard is seeked past), never decoding it.
 
 Shards are opened with ``webdataset.gopen``, so besides local paths the usual webdataset URLs
 (``pipe:...``, ``http(s)://``, ...) work too.
 
-Epoch assignment (`worker_entries`): epoch ``e`` shuffles the shard list with a
-``random.Random`` seeded from ``(seed, e)``; slot ``s = rank * num_workers + worker`` of the
-``world * num_workers`` slots takes ``perm[s::slots]``. With at least as many shards as
-slots the slots' shards are disjoint (no wrap is needed: the per-rank batch quota, not the
-shard count, makes ranks equal). With fewer shards than slots the permutation is wrapped
-(repeated) to exactly ``slots`` entries; a shard that lands in ``k`` slots is then read by all
-``k`` of them, each taking every ``k``-th sample of it (its occurrence ``i`` takes samples
-``i::k``), so samples stay disjoint across ranks x workers even then.
+Probe (`probe_shards`): every sample of every shard is read once and handed to a check (the
+loader's, `datamodules.sample.SampleLoader.check`: members and container headers, no frames
+decoded), giving per shard its sample count and its broken samples. Results are cached in memory
+and as one small JSON file per shard in `probe_cache_dir`, keyed by the shard's absolute path,
+size and mtime (a remote shard: its URL alone) and the check's requirements.
+
+Split (`Split`): the good samples of epoch ``e``, pass ``c``, are the shards in a
+``random.Random((seed, e[, c]))`` order, each shard's good samples in shard order; passes 1, 2,
+... follow pass 0 where more positions are asked for. A reader asks for a range of positions
+(`Split.refs`) and gets (shard, sample index) references, so it reads only the few shards its
+range covers, from the first sample it needs to the last. Each broken sample of pass 0 is
+reported with the good sample that follows it in that order (those after the last good sample
+with that one): the positions of pass 0 report every broken sample exactly once. Everything is
+a function of (seed, epoch, the probes): every rank and worker computes it alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
+import json
 import logging
 import os
 import random
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from braceexpand import braceexpand  # a dependency of webdataset
 from webdataset import gopen
 
 __all__ = [
+    "PROBE_CACHE_ENV",
     "SHARD_ERRORS",
-    "Entry",
+    "SampleRef",
+    "ShardProbe",
+    "Split",
     "count_samples",
-    "entry_count",
     "expand_shards",
     "iter_tar_samples",
+    "probe_cache_dir",
+    "probe_shard",
+    "probe_shards",
+    "read_samples",
     "seeded_rng",
     "split_name",
-    "worker_entries",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,14 +70,9 @@ SHARD_ERRORS = (tarfile.TarError, OSError, EOFError)
 _NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _COUNTS: dict[tuple, int] = {}  # sample counts per shard, see `count_samples`
-
-
-class Entry(NamedTuple):
-    """One shard as one worker reads it: the samples ``part::parts`` of `url`."""
-
-    url: str
-    part: int = 0
-    parts: int = 1
+_PROBES: dict[str, ShardProbe] = {}  # probes per shard and requirements, see `probe_shard`
+PROBE_CACHE_ENV = "VIDISTILL_PROBE_CACHE"
+PROBE_THREADS = 4  # shards probed at once (reading tars, opening containers)
 
 
 def seeded_rng(*parts: object) -> random.Random:
@@ -123,18 +135,34 @@ def split_name(name: str) -> tuple[str, str] | None:
     return m.group(1), m.group(2).lower()
 
 
-def iter_tar_samples(url: str, skip: int = 0, part: int = 0, parts: int = 1) -> Iterator[dict]:
+def iter_tar_samples(url: str, indices: Sequence[int] | None = None) -> Iterator[dict]:
     """Raw samples of the shard at `url`: ``{"__key__", "__url__", ext: bytes, ...}``.
 
-    Only samples with index ``i % parts == part`` belong to this reader; the first `skip` of
-    those are passed over without reading their bytes. Raises one of `SHARD_ERRORS` for an
-    unreadable or damaged shard (the samples before the damage have been yielded).
+    indices: only the samples at these (ascending) positions in the shard, and the reading stops
+    after the last of them (the others are passed over without reading their bytes where the
+    shard is a local file); None: every sample. Raises one of `SHARD_ERRORS` for an unreadable
+    or damaged shard (the samples before the damage have been yielded).
     """
-    stream = gopen(url, "rb")
+    for _, raw in read_samples(url, indices):
+        yield raw
+
+
+def read_samples(url: str, indices: Sequence[int] | None = None) -> Iterator[tuple[int, dict]]:
+    """`iter_tar_samples` with each sample's position in the shard: ``(index, raw)``."""
+    wanted = None if indices is None else set(indices)
+    last = -1 if wanted is None else max(wanted, default=-1)
+    if wanted is not None and last < 0:
+        return
+    if wanted is not None and _is_local(url):
+        tar = tarfile.open(url, mode="r:*")  # random access: seeks past the samples not wanted
+        stream = None
+    else:
+        stream = gopen(url, "rb")
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            index, mine, current = -1, 0, None
-            key = None
+        if stream is not None:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+        with tar:
+            index, current, key = -1, None, None
             for member in tar:
                 if not member.isfile():
                     continue
@@ -143,20 +171,23 @@ def iter_tar_samples(url: str, skip: int = 0, part: int = 0, parts: int = 1) -> 
                     continue
                 if split[0] != key:  # a new sample starts
                     if current is not None:
-                        yield current
+                        yield index, current
+                        if index == last:
+                            return
                     key, index, current = split[0], index + 1, None
-                    if index % parts == part:
-                        if mine >= skip:
-                            current = {"__key__": key, "__url__": url}
-                        mine += 1
+                    if wanted is None or index in wanted:
+                        current = {"__key__": key, "__url__": url}
                 if current is not None:
                     f = tar.extractfile(member)
                     current[split[1]] = f.read() if f is not None else b""
             if current is not None:
-                yield current
+                yield index, current
+                if index == last:
+                    return
             _check_end(tar)
     finally:
-        stream.close()
+        if stream is not None:
+            stream.close()
 
 
 def _check_end(tar: tarfile.TarFile) -> None:
@@ -198,25 +229,240 @@ def count_samples(url: str) -> int:
     return n
 
 
-def entry_count(entry: Entry) -> int:
-    """Number of samples `entry` reads: ``len(range(part, count_samples(url), parts))``."""
-    return len(range(entry.part, count_samples(entry.url), entry.parts))
+# --------------------------------------------------------------------------------------------
+# Probing: which samples of a shard are good
+# --------------------------------------------------------------------------------------------
 
 
-def worker_entries(
-    urls: Sequence[str], seed: int, epoch: int, rank: int, world: int, worker: int, num_workers: int
-) -> list[Entry]:
-    """The shards slot ``rank * num_workers + worker`` reads in `epoch` (see the module doc)."""
-    if not urls:
-        raise ValueError("no shards to assign")
-    slots = world * num_workers
-    perm = list(urls)
-    seeded_rng(seed, "epoch", epoch).shuffle(perm)
-    if len(perm) >= slots:
-        return [Entry(u) for u in perm[rank * num_workers + worker :: slots]]
-    wrapped = [perm[i % len(perm)] for i in range(slots)]
-    s = rank * num_workers + worker
-    url = wrapped[s]
-    # occurrence i of a shard (the slots i*n + j hold shard perm[j]) reads samples i::k
-    occurrences = [i for i in range(slots) if i % len(perm) == s % len(perm)]
-    return [Entry(url, occurrences.index(s), len(occurrences))]
+class ShardProbe(NamedTuple):
+    """A shard's samples as the loader sees them: `count` samples, `bad` the broken ones
+    (index -> ``"key: why"``). A damaged shard's unreadable rest counts as one broken sample."""
+
+    count: int
+    bad: dict[int, str]
+
+
+def probe_cache_dir() -> str | None:
+    """Where probes are cached on disk: ``$VIDISTILL_PROBE_CACHE`` ("" or "off": nowhere), else
+    ``$XDG_CACHE_HOME/vidistill/probe`` (``~/.cache/vidistill/probe``)."""
+    value = os.environ.get(PROBE_CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "none") else value
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vidistill", "probe")
+
+
+def _shard_key(url: str) -> list:
+    if _is_local(url):
+        st = os.stat(url)
+        return [os.path.abspath(url), st.st_size, st.st_mtime_ns]
+    return [url]
+
+
+def _cache_file(key: list) -> str | None:
+    folder = probe_cache_dir()
+    if folder is None:
+        return None
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:40]
+    return os.path.join(folder, f"{digest}.json")
+
+
+def _read_cached(key: list) -> ShardProbe | None:
+    path = _cache_file(key)
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if data["key"] != key:
+            return None
+        return ShardProbe(int(data["count"]), {int(i): str(why) for i, why in data["bad"]})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cached(key: list, probe: ShardProbe) -> None:
+    path = _cache_file(key)
+    if path is None:
+        return
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump({"key": key, "count": probe.count, "bad": sorted(probe.bad.items())}, f)
+        os.replace(tmp, path)  # atomic: ranks probing the same shard never see half a file
+    except OSError as e:
+        log.debug("could not cache the probe of %s in %s (%s)", key[0], path, e)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def probe_shard(url: str, check: Callable[[dict], str | None], requirements: str) -> ShardProbe:
+    """Read every sample of the shard once and ask `check` (None: good, else why it is broken).
+
+    Cached in memory and on disk (`probe_cache_dir`) under the shard's path, size and mtime (a
+    remote shard: its URL) and `requirements` (what `check` depends on), so a changed shard or
+    changed requirements are probed again. A damaged shard is probed again each time (its
+    damage may be a failed download)."""
+    key = [*_shard_key(url), requirements]
+    mem = json.dumps(key)
+    if mem in _PROBES:
+        return _PROBES[mem]
+    cached = _read_cached(key)
+    if cached is not None:
+        _PROBES[mem] = cached
+        return cached
+    n, bad, damaged = 0, {}, False
+    try:
+        for i, raw in read_samples(url):
+            n = i + 1
+            why = check(raw)
+            if why is not None:
+                bad[i] = f"{raw['__key__']}: {why}"[:300]
+    except SHARD_ERRORS as e:
+        log.warning("shard %s is damaged after %d samples (%s: %s)", url, n, type(e).__name__, e)
+        bad[n] = f"(damaged shard after sample {n}): {type(e).__name__}: {e}"[:300]
+        n, damaged = n + 1, True
+    probe = ShardProbe(n, bad)
+    _PROBES[mem] = probe
+    if not damaged:
+        _write_cached(key, probe)
+    return probe
+
+
+def probe_shards(
+    urls: Sequence[str],
+    check: Callable[[dict], str | None],
+    requirements: str,
+    rank: int = 0,
+    world: int = 1,
+    threads: int = PROBE_THREADS,
+) -> list[ShardProbe]:
+    """`probe_shard` of every shard, in `threads` threads. Rank r starts at shard r * n / world
+    and wraps around, so ranks sharing a cache folder mostly find the others' shards done."""
+    n = len(urls)
+    start = rank * n // max(1, world)
+    order = [*range(start, n), *range(start)]
+    if threads <= 1 or n <= 1:
+        found = {i: probe_shard(urls[i], check, requirements) for i in order}
+    else:
+        with ThreadPoolExecutor(min(threads, n)) as pool:
+            found = dict(zip(order, pool.map(lambda i: probe_shard(urls[i], check, requirements), order)))
+    return [found[i] for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# The epoch split
+# --------------------------------------------------------------------------------------------
+
+
+class SampleRef(NamedTuple):
+    """One position of an epoch's sequence: sample `index` of shard `shard` (its place in the
+    shard list), in pass `cycle` over the data; `broken` broken samples are reported with it."""
+
+    shard: int
+    index: int
+    cycle: int
+    broken: int = 0
+
+
+class Split:
+    """The good samples of a shard list and each epoch's sequence of them (see the module doc).
+
+    counts: samples per shard; bad: per shard, the indices of its broken samples."""
+
+    def __init__(self, counts: Sequence[int], bad: Sequence[Iterable[int]]):
+        self.counts = [int(c) for c in counts]
+        self.bad = [tuple(sorted(set(b))) for b in bad]
+        outside = any(b and (b[0] < 0 or b[-1] >= c) for c, b in zip(self.counts, self.bad))
+        if len(self.counts) != len(self.bad) or outside:
+            raise ValueError("bad indices must lie within their shard's count")
+        self.good = [c - len(b) for c, b in zip(self.counts, self.bad)]
+        self.total = sum(self.good)
+        self.broken = sum(map(len, self.bad))
+
+    @classmethod
+    def from_probes(cls, probes: Sequence[ShardProbe]) -> Split:
+        return cls([p.count for p in probes], [p.bad.keys() for p in probes])
+
+    def order(self, seed: int, epoch: int, cycle: int = 0) -> list[int]:
+        """The shards in the order of pass `cycle` of epoch `epoch`."""
+        perm = list(range(len(self.counts)))
+        seeded_rng(seed, "epoch", epoch, *(("cycle", cycle) if cycle else ())).shuffle(perm)
+        return perm
+
+    def refs(self, seed: int, epoch: int, start: int, stop: int) -> Iterator[SampleRef]:
+        """Positions ``start:stop`` of epoch `epoch`'s sequence: pass 0 over the good samples
+        (shards in `order`, samples in shard order), then pass 1, ... as far as needed. In pass
+        0 each broken sample is reported with the good sample after it (those after the last
+        good sample with that one), so the positions of pass 0 report every broken one once."""
+        if self.total == 0:
+            raise ValueError("no good samples to split")
+        cycle = start // self.total
+        pos = cycle * self.total
+        while pos < stop:
+            order = self.order(seed, epoch, cycle)
+            carry_in, last = self._carries(order) if cycle == 0 else ({}, (-1, 0))
+            for s in order:
+                a, b = max(start, pos), min(stop, pos + self.good[s])
+                if a < b:
+                    tail = last[1] if s == last[0] else 0
+                    yield from self._shard_refs(s, cycle, a - pos, b - pos, carry_in.get(s, 0), tail, cycle == 0)
+                pos += self.good[s]
+                if pos >= stop:
+                    return
+            cycle += 1
+
+    def _carries(self, order: list[int]) -> tuple[dict[int, int], tuple[int, int]]:
+        """Broken samples of earlier shards reported with each shard's first good sample, and
+        (the last shard with a good sample, the broken ones after that sample)."""
+        carry_in, carry, last = {}, 0, -1
+        for s in order:
+            if self.good[s] == 0:
+                carry += self.counts[s]
+                continue
+            carry_in[s], last = carry, s
+            good_last = self._nth_good(s, self.good[s] - 1)
+            carry = self.counts[s] - 1 - good_last
+        return carry_in, (last, carry)
+
+    def _nth_good(self, s: int, k: int) -> int:
+        """The index of the k-th good sample of shard s."""
+        i = k
+        for b in self.bad[s]:  # ascending: each bad index at or before the candidate shifts it
+            if b <= i:
+                i += 1
+            else:
+                break
+        return i
+
+    def _shard_refs(
+        self, s: int, cycle: int, first: int, stop: int, carry_in: int, tail: int, report: bool
+    ) -> Iterator[SampleRef]:
+        """Good samples ``first:stop`` of shard s; with `report`, each carries the broken ones
+        before it (the first also `carry_in`, the last also `tail`)."""
+        bad, k, pending = set(self.bad[s]), 0, carry_in
+        for i in range(self.counts[s]):
+            if i in bad:
+                pending += 1
+                continue
+            if first <= k < stop:
+                broken = pending + (tail if k == self.good[s] - 1 else 0)
+                yield SampleRef(s, i, cycle, broken if report else 0)
+            pending, k = 0, k + 1
+            if k >= stop:
+                return
+
+    def resampled(self, seed: int, epoch: int, *stream: object) -> Iterator[SampleRef]:
+        """Endless draws (with replacement, seeded by `stream`) of a shard with good samples,
+        each draw's good samples in shard order; each draw reports its shard's broken ones."""
+        rng = seeded_rng(seed, "resample", epoch, *stream)
+        usable = [s for s in range(len(self.counts)) if self.good[s]]
+        if not usable:
+            raise ValueError("no good samples to draw")
+        draw = 0
+        while True:
+            s = rng.choice(usable)
+            last = self._nth_good(s, self.good[s] - 1)
+            yield from self._shard_refs(s, draw, 0, self.good[s], 0, self.counts[s] - 1 - last, True)
+            draw += 1

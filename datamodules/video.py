@@ -21,16 +21,34 @@ Batch (a dict; B = batch_size, every tensor on CPU until Lightning moves it):
   embeddings are zero-padded to the batch's longest, mask False there)
 - ``latent`` (B, C, T', H', W') with ``use_latents``
 - ``kd_noise``, ``kd_states``, ``kd_t`` with ``use_kd`` (see its argument)
-- ``skipped`` int64 scalar: broken samples this worker skipped since its previous batch
+- ``skipped`` int64 scalar: broken samples reported with this batch (see "Broken samples")
 
-Training stream, per epoch ``e`` (exact; see `datamodules.shards` for the shard assignment):
-slot ``rank * W + worker`` (W = DataLoader workers, at least 1) reads its shards of the
-``(seed, e)`` permutation; each rank yields exactly ``batches_per_epoch`` batches, the first
-``batches_per_epoch % W`` workers one more than the others, so the DataLoader's round-robin
-gives batch ``j`` from worker ``j % W``. A worker whose shards run out first reads them again
-in a new order (seeded by the cycle number); with ``resample`` it draws shards from the whole
-list with replacement instead. The random clip start (and the random control parameters) of a
-sample come from ``random.Random`` seeded by (seed, epoch, rank, worker, raw-sample counter).
+Probe, at `setup` ("fit"): every sample of the train shards is read once and checked the way
+the loader will read it (`SampleLoader.check`: its members, its json and safetensors, its
+videos' container headers -- frame count, fps, size -- without decoding frames); a sample that
+lacks a member, does not open, is shorter than the clip or smaller than ``height`` x ``width``
+(it would be upscaled) is broken. The result (per shard: sample count, broken indices) is cached
+in memory and on disk (``$VIDISTILL_PROBE_CACHE``, default ``~/.cache/vidistill/probe``; see
+`datamodules.shards`), keyed by the shard's path, size and mtime and by the settings the check
+depends on, so a second setup reads only the cache. No process group is used: each rank probes
+(or finds cached) every shard, starting at its own offset so ranks sharing the cache split the
+work.
+
+Training stream, per epoch ``e`` (exact; `datamodules.shards.Split`): the sequence of the epoch
+is every good sample once, shards in a ``(seed, e)`` order, samples in shard order, followed by
+further passes (other shard orders) where more positions are asked for. With B =
+``batches_per_epoch`` (default ``ceil(good / (world_size * batch_size))``) rank ``r`` takes the
+contiguous positions ``[r * B * batch_size, (r + 1) * B * batch_size)``, so (with the default
+B) every good sample comes exactly once per epoch over all ranks and workers, and only the last
+``B * world_size * batch_size - good`` positions (fewer than ``world_size * batch_size``) repeat
+samples, to complete the last batches. Within the rank, logical worker ``w`` of W (DataLoader
+workers, at least 1) takes the next ``B // W + (w < B % W)`` batches' contiguous positions, so
+the DataLoader's round-robin gives batch ``j`` from worker ``j % W`` and every rank yields
+exactly B batches. A worker reads only the shards its positions cover. With ``resample`` each
+worker draws shards with replacement (seeded by (seed, epoch, rank, worker)) and reads their
+good samples instead. The random clip start (and the random control parameters) of a sample
+come from ``random.Random`` seeded by (seed, epoch, pass, shard, sample index): the same for
+every layout of ranks and workers.
 
 Epoch mechanism: the train DataLoader is an `_EpochLoader` whose ``__iter__`` asks the
 datamodule which epoch and batch to start at and hands them to the dataset (``set_epoch``)
@@ -42,18 +60,24 @@ reloading. Workers are not persistent: each epoch's workers start with that epoc
 Resume: `state_dict` is ``{"epoch", "batches", "skipped_total"}`` (batches = delivered to
 training on this rank this epoch, counted in `on_after_batch_transfer`; a LightningModule that
 overrides that hook takes it over from the datamodule, then call this one from it). After
-`load_state_dict` the next stream continues that epoch: every worker passes over the raw tar
-samples of its share of the delivered batches without decoding them, and the workers' roles
-are rotated so batch order continues exactly. Exact when world size and ``num_workers`` are
-unchanged and no sample in the passed-over part was broken (each broken one there shifts the
-worker's stream by one sample; counts and disjointness still hold). A state with the whole
-epoch delivered continues at the next epoch.
+`load_state_dict` the next stream continues that epoch: every worker starts after its share of
+the delivered batches (positions, so broken samples found by the probe change nothing; a local
+shard's samples before them are seeked past, a remote one's read past without decoding), and the
+workers' roles are rotated so batch order continues exactly. Exact when world size and
+``num_workers`` are unchanged, unless a sample that passed the probe failed to load in the
+passed-over part (the worker's spare samples then shift; counts and batches still hold). A state
+with the whole epoch delivered continues at the next epoch.
 
-Broken samples (undecodable, too short, no caption, control shorter than the clip, missing
-required key, bad safetensors or json) are skipped and counted; damaged shards are skipped
-with a warning. A worker stops with a RuntimeError naming its shards after
-``MAX_CONSECUTIVE_FAILURES`` failures in a row, or after a full pass over its shards without
-a usable sample, so it never spins forever.
+Broken samples: those the probe found never enter the split; each is reported in ``skipped``
+once per epoch, with the batch of the good sample that follows it in the epoch's first pass (the
+last ones with the last good sample), so `skipped_total` grows by exactly the number of broken
+samples per full epoch, whatever the layout (with a smaller explicit ``batches_per_epoch``: those
+of the delivered positions). A damaged shard's unreadable rest counts as one broken sample (the
+shard is probed again by the next process). A sample that passes the probe but fails to load (frames
+that do not decode, a member that does not fit the batch) is counted when met and replaced by the
+worker's own samples again, from its first, so the batch counts hold. A worker stops with a
+RuntimeError naming its shards after ``MAX_CONSECUTIVE_FAILURES`` failures in a row, or after a
+pass over its samples again without a usable one; setup raises when no sample is good.
 
 Validation: the first ``val_samples`` samples of ``val_shards`` in the listed order, split
 into contiguous per-rank ranges of ``ceil(N / world)`` samples; a shorter range is padded by
@@ -66,7 +90,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from itertools import count, groupby, islice
 from typing import Any
 
 import lightning
@@ -77,13 +104,14 @@ from datamodules.controls import MODALITIES
 from datamodules.sample import SAMPLE_ERRORS, SampleLoader, check_fits, collate
 from datamodules.shards import (
     SHARD_ERRORS,
-    Entry,
+    SampleRef,
+    Split,
     count_samples,
-    entry_count,
     expand_shards,
     iter_tar_samples,
+    probe_shards,
+    read_samples,
     seeded_rng,
-    worker_entries,
 )
 
 __all__ = ["MAX_CONSECUTIVE_FAILURES", "SAMPLE_ERRORS", "VideoDataModule", "collate"]
@@ -123,6 +151,10 @@ class _Failures:
     def ok(self) -> None:
         self.consecutive = 0
 
+    def report(self, n: int) -> None:
+        """Count `n` broken samples the probe found (left out of the split, never read)."""
+        self.skipped += n
+
     def take(self) -> int:
         n, self.skipped = self.skipped, 0
         return n
@@ -140,6 +172,7 @@ class _TrainDataset(IterableDataset):
         self,
         loader: SampleLoader,
         urls: list[str],
+        split: Split,
         batch_size: int,
         batches_per_epoch: int,
         seed: int,
@@ -147,7 +180,7 @@ class _TrainDataset(IterableDataset):
         world: int,
         resample: bool,
     ):
-        self.loader, self.urls, self.batch_size = loader, urls, batch_size
+        self.loader, self.urls, self.split, self.batch_size = loader, urls, split, batch_size
         self.batches_per_epoch, self.seed, self.rank, self.world = batches_per_epoch, seed, rank, world
         self.resample = resample
         self.epoch, self.start_batch = 0, 0
@@ -165,78 +198,83 @@ class _TrainDataset(IterableDataset):
         w = (actual + b) % nw  # the logical worker whose next batch is the rank's batch b
         quota = bpe // nw + (w < bpe % nw)
         done = b // nw + (w < b % nw)  # batches of logical worker w among the first b
-        remaining = quota - done
-        if remaining <= 0:
+        if quota - done <= 0:
             return
-        yield from self._batches(w, nw, remaining, skip=done * self.batch_size)
+        yield from self._batches(w, nw, quota, done)
 
-    def _entries(self, w: int, nw: int) -> Iterator[Entry | None]:
-        """The worker's shards forever; None marks the end of each pass over them."""
+    def _refs(self, w: int, nw: int, quota: int) -> Iterator[SampleRef]:
+        """The samples of logical worker w's `quota` batches, in order (see module doc)."""
+        n = quota * self.batch_size
         if self.resample:
-            rng = seeded_rng(self.seed, "resample", self.epoch, self.rank, w)
-            while True:
-                yield Entry(rng.choice(self.urls))
-        mine = worker_entries(self.urls, self.seed, self.epoch, self.rank, self.world, w, nw)
-        cycle = 0
-        while True:
-            order = list(mine)
-            if cycle:
-                seeded_rng(self.seed, "cycle", self.epoch, self.rank, w, cycle).shuffle(order)
-            yield from order
-            yield None
-            cycle += 1
+            return islice(self.split.resampled(self.seed, self.epoch, self.rank, w), n)
+        bpe = self.batches_per_epoch
+        first = self.rank * bpe + w * (bpe // nw) + min(w, bpe % nw)  # the worker's first batch
+        start = first * self.batch_size
+        return self.split.refs(self.seed, self.epoch, start, start + n)
 
-    def _batches(self, w: int, nw: int, remaining: int, skip: int) -> Iterator[dict]:
+    def _rng(self, ref: SampleRef, w: int, spare: int) -> random.Random:
+        """The sample's random stream: a function of the sample and the epoch (and the pass)."""
+        if self.resample:
+            return seeded_rng(self.seed, "resample", self.epoch, self.rank, w, ref.cycle, ref.shard, ref.index, spare)
+        extra = ("spare", spare) if spare else ()
+        return seeded_rng(self.seed, "sample", self.epoch, ref.cycle, ref.shard, ref.index, *extra)
+
+    def _read(self, refs: Iterable[SampleRef]) -> Iterator[tuple[SampleRef, dict | BaseException]]:
+        """Each ref with its raw sample, or with why it could not be read (one read per run of
+        refs into the same shard and pass, from its first sample to its last)."""
+        for _, run in groupby(refs, key=lambda r: (r.shard, r.cycle)):
+            run = list(run)
+            url, pos = self.urls[run[0].shard], 0
+            error: BaseException = ValueError("the shard holds fewer samples than its probe (changed since?)")
+            try:
+                for index, raw in read_samples(url, [r.index for r in run]):
+                    while pos < len(run) and run[pos].index < index:
+                        yield run[pos], error
+                        pos += 1
+                    if pos < len(run) and run[pos].index == index:
+                        yield run[pos], raw
+                        pos += 1
+            except SHARD_ERRORS as e:
+                error = e
+            for ref in run[pos:]:
+                yield ref, error
+
+    def _batches(self, w: int, nw: int, quota: int, done: int) -> Iterator[dict]:
         where = f"train worker {w} of rank {self.rank} (epoch {self.epoch})"
         fails = _Failures(where)
-        counter = 0  # raw samples read (or passed over) by this logical worker this epoch
-        batch: list[dict] = []
-        good_in_pass = ff_in_pass = 0
-        seen: list[str] = []
-        for entry in self._entries(w, nw):
-            if entry is None:
-                if good_in_pass == 0 and ff_in_pass == 0:
-                    raise RuntimeError(f"{where}: a full pass over its shards {seen} gave no usable sample")
-                good_in_pass = ff_in_pass = 0
-                continue
-            if entry.url not in seen:
-                seen.append(entry.url)
-            first = 0
-            if skip:  # resume fast-forward: pass over whole shards by their counts, then samples
-                n = entry_count(entry)
-                if n == 0:
-                    fails.fail(entry.url, "an empty shard", ValueError("no samples"), count=False)
+        remaining, batch = quota - done, []
+        # pass 0: the worker's samples after the `done` batches delivered; passes 1, 2, ...
+        # (only after samples that failed to load): its samples again, to fill its quota
+        for spare in count():
+            refs = self._refs(w, nw, quota)
+            if spare == 0:
+                refs = islice(refs, done * self.batch_size, None)
+            good = 0
+            for ref, raw in self._read(refs):
+                if spare == 0:
+                    fails.report(ref.broken)
+                url = self.urls[ref.shard]
+                if isinstance(raw, BaseException):
+                    fails.fail(url, f"sample {ref.index}", raw, count=spare == 0)
                     continue
-                if skip >= n:
-                    skip, counter, ff_in_pass = skip - n, counter + n, ff_in_pass + n
+                try:
+                    sample = self.loader(raw, self._rng(ref, w, spare))
+                    check_fits(batch, sample)
+                except SAMPLE_ERRORS as e:
+                    fails.fail(url, f"sample {raw['__key__']!r}", e, count=spare == 0)
                     continue
-                first, skip, counter, ff_in_pass = skip, 0, counter + skip, ff_in_pass + skip
-            got = 0
-            try:
-                for raw in iter_tar_samples(entry.url, first, entry.part, entry.parts):
-                    got += 1
-                    rng = seeded_rng(self.seed, "sample", self.epoch, self.rank, w, counter)
-                    counter += 1
-                    try:
-                        sample = self.loader(raw, rng)
-                        check_fits(batch, sample)
-                    except SAMPLE_ERRORS as e:
-                        fails.fail(entry.url, f"sample {raw['__key__']!r}", e)
-                        continue
-                    fails.ok()
-                    good_in_pass += 1
-                    batch.append(sample)
-                    if len(batch) == self.batch_size:
-                        yield collate(batch, fails.take())
-                        batch = []
-                        remaining -= 1
-                        if remaining == 0:
-                            return
-            except SHARD_ERRORS as e:
-                fails.fail(entry.url, "the rest of the shard", e)
-                continue
-            if got == 0 and first == 0:
-                fails.fail(entry.url, "an empty shard", ValueError("no samples"), count=False)
+                fails.ok()
+                good += 1
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield collate(batch, fails.take())
+                    batch = []
+                    remaining -= 1
+                    if remaining == 0:
+                        return
+            if spare > 0 and good == 0:
+                shards = sorted({self.urls[r.shard] for r in self._refs(w, nw, quota)})
+                raise RuntimeError(f"{where}: a full pass over its samples in {shards} gave no usable sample")
 
 
 class _ValDataset(IterableDataset):
@@ -383,10 +421,12 @@ class VideoDataModule(lightning.LightningDataModule):
                 exact control pixels as ``control``; clips start at frame 0 (the noise belongs to
                 the clip). Transfer1 KD shards (noise only) decode the teacher video as usual.
             seed: seeds shard order, clip starts and random control parameters.
-            batches_per_epoch: batches per rank and epoch; None: floor(samples in the train
-                shards / (world_size * batch_size)), at least 1.
-            resample: each worker draws shards with replacement (seeded) instead of reading its
-                disjoint share of the epoch's permutation.
+            batches_per_epoch: batches per rank and epoch; None: ceil(good samples in the train
+                shards / (world_size * batch_size)), so an epoch delivers every good sample once
+                (a few again to complete the last batches). Given: the epoch is that many
+                positions of the epoch's sequence (further passes over the data when more).
+            resample: each worker draws shards with replacement (seeded) and reads their good
+                samples, instead of its share of the epoch's sequence.
             val_samples: validation uses the first this many samples of `val_shards`.
             rank: this process's data-parallel rank; None: the Trainer's (its global rank unless
                 context parallelism groups ranks; 0 without a Trainer).
@@ -431,6 +471,7 @@ class VideoDataModule(lightning.LightningDataModule):
         )
         self._rank, self._world = rank or 0, world_size or 1
         self._train_urls: list[str] | None = None
+        self._split: Split | None = None
         self._val_urls: list[str] | None = None
         self._bpe: int | None = None
         self._epoch = 0  # set_epoch, for use without a Trainer
@@ -438,7 +479,6 @@ class VideoDataModule(lightning.LightningDataModule):
         self._resume: tuple[int, int] | None = None
         self._skipped_base = 0
         self._skipped_acc: torch.Tensor | None = None  # summed on the batch's device, no sync
-        self._warned_few_shards = False
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -455,13 +495,51 @@ class VideoDataModule(lightning.LightningDataModule):
             raise ValueError(f"rank {self._rank} is outside world size {self._world}")
         if stage in (None, "fit"):
             self._train_urls = expand_shards(self.train_shards)
+            self._split = self._probe(self._train_urls)
             if self.batches_per_epoch is not None:
                 self._bpe = self.batches_per_epoch
             else:
-                total = sum(count_samples(u) for u in self._train_urls)
-                self._bpe = max(1, total // (self._world * self.batch_size))
+                self._bpe = math.ceil(self._split.total / (self._world * self.batch_size))
         if stage in (None, "fit", "validate") and self.val_shards is not None:
             self._val_urls = expand_shards(self.val_shards)
+
+    def _probe(self, urls: list[str]) -> Split:
+        """Probe every train sample (cached; see `datamodules.shards.probe_shards`): the split."""
+        t0 = time.perf_counter()
+        loader = self.loader
+
+        def check(raw: dict) -> str | None:
+            try:
+                loader.check(raw)
+            except SAMPLE_ERRORS as e:
+                return f"{type(e).__name__}: {e}"
+            return None
+
+        probes = probe_shards(urls, check, loader.requirements(), self._rank, self._world)
+        split = Split.from_probes(probes)
+        log.info(
+            "probed %d train shards in %.2f s: %d good samples, %d broken",
+            len(urls),
+            time.perf_counter() - t0,
+            split.total,
+            split.broken,
+        )
+        examples = list(islice((f"{urls[s]}: {why}" for s, p in enumerate(probes) for why in p.bad.values()), 3))
+        if split.total == 0:
+            raise RuntimeError(
+                f"no usable sample in the {len(urls)} train shards ({', '.join(urls[:3])}"
+                f"{', ...' if len(urls) > 3 else ''}): all {split.broken} are broken with these settings,"
+                f" e.g. {'; '.join(examples)}"
+            )
+        if split.broken:
+            log.warning(
+                "%d of %d train samples are broken and left out of the split (counted in `skipped` once per"
+                " epoch), e.g. %s",
+                split.broken,
+                split.total + split.broken,
+                "; ".join(examples),
+            )
+        return split
 
     @property
     def train_batches_per_epoch(self) -> int:
@@ -485,19 +563,10 @@ class VideoDataModule(lightning.LightningDataModule):
         """The rank's training stream; re-iterating it starts the current epoch (module doc)."""
         if self._train_urls is None:
             self.setup("fit")
-        slots = self._world * max(1, self.num_workers)
-        if len(self._train_urls) < slots and not self.resample and not self._warned_few_shards:
-            log.warning(
-                "%d train shards for %d ranks x workers: shards are shared (each reader takes every"
-                " k-th sample of a shared shard); use at least %d shards for disjoint shards",
-                len(self._train_urls),
-                slots,
-                slots,
-            )
-            self._warned_few_shards = True
         ds = _TrainDataset(
             self.loader,
             self._train_urls,
+            self._split,
             self.batch_size,
             self.train_batches_per_epoch,
             self.seed,

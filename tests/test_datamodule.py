@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import tarfile
 
 import lightning
@@ -16,7 +15,7 @@ from safetensors.torch import save as save_safetensors
 
 from datamodules.codec import decode_video, encode_video, resize_crop
 from datamodules.controls import compute_control
-from datamodules.shards import expand_shards, worker_entries
+from datamodules.shards import PROBE_CACHE_ENV, expand_shards
 from datamodules.video import VideoDataModule
 
 T_SRC, H, W, FPS = 10, 24, 32, 10.0
@@ -50,6 +49,12 @@ def write_shards(folder, name, counts, extras=None) -> list[str]:
                 idx += 1
         paths.append(str(path))
     return paths
+
+
+@pytest.fixture(autouse=True)
+def probe_cache(tmp_path, monkeypatch):
+    """Each test's probes cached in its own folder (not the user's cache)."""
+    monkeypatch.setenv(PROBE_CACHE_ENV, str(tmp_path / "probe-cache"))
 
 
 def make_dm(shards, **kw) -> VideoDataModule:
@@ -120,9 +125,11 @@ def test_shard_listing(tmp_path):
         expand_shards(str(tmp_path / "d-{000000..000003}.tar"))
 
 
-def test_ranks_and_workers_disjoint_with_equal_batch_counts(tmp_path, caplog):
-    # 5 shards with uneven sample counts, 2 ranks x 2 worker processes
-    shards = write_shards(tmp_path, "u", [3, 5, 2, 4, 6])
+def test_ranks_and_workers_every_key_once_with_equal_batch_counts(tmp_path):
+    # 5 shards with uneven sample counts, 2 ranks x 2 worker processes: 20 samples, 5 batches of 2 each
+    counts = [3, 5, 2, 4, 6]
+    shards = write_shards(tmp_path, "u", counts)
+    all_keys = sorted(f"u{s:02d}_{j:03d}" for s, n in enumerate(counts) for j in range(n))
     per_rank = []
     for rank in (0, 1):
         dm = make_dm(shards, rank=rank, world_size=2, num_workers=2, batch_size=2)
@@ -131,28 +138,17 @@ def test_ranks_and_workers_disjoint_with_equal_batch_counts(tmp_path, caplog):
         assert len(batches) == 5
         assert all(len(b["key"]) == 2 and b["video"].shape == (2, 3, 8, H, W) for b in batches)
         per_rank.append(keys(batches))
-    assert not set(per_rank[0]) & set(per_rank[1])
-    # all from the shards (a worker whose shards run out first cycles over them again)
-    all_keys = {f"u{s:02d}_{j:03d}" for s, n in enumerate([3, 5, 2, 4, 6]) for j in range(n)}
-    assert set(per_rank[0]) | set(per_rank[1]) <= all_keys
+    assert sorted(per_rank[0] + per_rank[1]) == all_keys
 
-    # the 4 slots read disjoint shards
-    slots = [worker_entries(shards, 0, 0, r, 2, w, 2) for r in (0, 1) for w in (0, 1)]
-    urls = [e.url for entries in slots for e in entries]
-    assert sorted(urls) == sorted(shards)
-
-    # fewer shards than slots: shared shards are split by sample, still disjoint; warned once
+    # fewer shards than ranks x workers, an odd count: ceil(9 / 2) batches each, one sample twice
     few = write_shards(tmp_path, "f", [5, 4])
-    per_rank = []
-    with caplog.at_level(logging.WARNING, logger="datamodules.video"):
-        for rank in (0, 1):
-            dm = make_dm(few, rank=rank, world_size=2, num_workers=2, batch_size=1)
-            batches = stream(dm)
-            stream(dm, epoch=1)
-            assert len(batches) == 9 // 2
-            per_rank.append(keys(batches))
-    assert not set(per_rank[0]) & set(per_rank[1])
-    assert sum("shards are shared" in r.message for r in caplog.records) == 2  # once per datamodule
+    got = []
+    for rank in (0, 1):
+        dm = make_dm(few, rank=rank, world_size=2, num_workers=2, batch_size=1)
+        batches = stream(dm)
+        assert len(batches) == dm.train_batches_per_epoch == 5
+        got += keys(batches)
+    assert len(got) == 10 and len(set(got)) == 9
 
 
 def test_broken_samples_are_skipped_and_counted(tmp_path):
@@ -183,11 +179,10 @@ def test_broken_samples_are_skipped_and_counted(tmp_path):
         assert b["control"].float().mean() > 0  # the square's edges
 
 
-def test_worker_with_only_broken_samples_stops(tmp_path):
+def test_only_broken_samples_stop_at_setup(tmp_path):
     shards = write_shards(tmp_path, "bad", [3], lambda k, i, f: {"mp4": b"not a video"})
-    dm = make_dm(shards, batch_size=1)
-    with pytest.raises(RuntimeError, match="bad-000000.tar"):
-        stream(dm)
+    with pytest.raises(RuntimeError, match="bad-000000.tar.*all 3 are broken"):
+        make_dm(shards, batch_size=1)
 
 
 def test_epochs_seed_and_resume(tmp_path):
