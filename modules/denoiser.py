@@ -190,14 +190,22 @@ class Denoiser(nn.Module):
 
     @staticmethod
     def config_from(path: str | Path) -> NetConfig:
-        """The NetConfig of a directory written by save_pretrained / import-weights / export."""
+        """The NetConfig of a directory written by save_pretrained / import-weights / export.
+        Raises FileNotFoundError without config.json and ValueError, naming the file, when it
+        is no vidistill network config."""
         file = Path(path) / "config.json"
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found (expected a vidistill network directory)")
-        return NetConfig.from_dict(json.loads(file.read_text()))
+        try:
+            return NetConfig.from_dict(json.loads(file.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file}: not JSON ({err})") from None
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{file}: {err}") from None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=None) -> Denoiser:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -207,8 +215,36 @@ class Denoiser(nn.Module):
         cfg = cls.config_from(path)
         with torch.device("meta"):
             model = cls(cfg, dtype=dtype)
-        state = load_file(path / "model.safetensors", device=str(device))
+        try:
+            state = load_file(path / "model.safetensors", device=str(device))
+        except SafetensorError as err:
+            raise ValueError(f"{path / 'model.safetensors'}: not a safetensors file ({err})") from None
+        mismatch = _mismatch({k: v.shape for k, v in model.state_dict().items()}, state)
+        if mismatch:
+            raise ValueError(f"{path / 'model.safetensors'} does not fit its config.json: {mismatch}")
         model.load_state_dict(state, strict=True, assign=True)
         if dtype is not None:
             model.to(dtype)
         return model
+
+
+def _mismatch(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> str:
+    """What keeps `state` from loading into a model of these parameter shapes, in one line ("" if
+    nothing): missing and unexpected keys and differing shapes, counted, with the first of each."""
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:2]) + (", ..." if len(items) > 2 else "")
+
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} in the file, {tuple(expected[k])} in the config"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != tuple(expected[k])
+    ]
+    parts = [
+        f"{len(items)} {what} ({few(items)})"
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+        if items
+    ]
+    return "; ".join(parts)

@@ -2,12 +2,13 @@
 
 tools/infer.py parses the command line and calls these phases in order:
 
-    check_flags       mode, offload, placement, context parallel, compile: no file read yet
+    check_flags       mode, offload, placement, context parallel, compile, devices: no file read yet
     resolve_settings  the model's generation.json, overridden by the tokenizer and text flags
     load_annotators   the control annotator hooks
     make_guardrails   the prompt blocklist, safety checkers, prompt upsampler (or none)
-    checked_specs     every spec read and checked, refused by mode or guardrails; an invalid
-                      batch raises SpecError before any work, unless keep_going
+    checked_specs     every spec read and checked, refused by mode, the model's control branches,
+                      videos that do not decode or the guardrails; an invalid batch raises
+                      SpecError before any work, unless keep_going
     place             the process group of a torchrun, the device of every component, the dtype
     build_pipeline    the Sampler on its devices, compiled or context-parallel; this rank's share
     run_batch         this rank's unfinished specs through the Pipeline (modules/pipeline.py),
@@ -31,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .denoiser import Denoiser
 from .dtypes import to_dtype
 from .guardrails import Guardrails, load_hook
 from .pipeline import Pipeline, Prepared, build_sampler, nfe, run_placed
 from .sampling import GenerationSettings
-from .spec import SPEC_MODALITIES, Spec, SpecError, load_specs
+from .spec import MODALITY_NAMES, SPEC_MODALITIES, Spec, SpecError, load_specs
 
 COMPONENTS = ("text_encoder", "tokenizer", "dit")
 MODES = ("transfer", "video2world", "text2world")
@@ -63,9 +65,23 @@ class Ranks:
 
 
 def check_flags(
-    mode: str, offload: str | None, placement: str | None, context_parallel: int, compile: bool | str, world: int
+    mode: str,
+    offload: str | None,
+    placement: str | None,
+    context_parallel: int,
+    compile: bool | str,
+    world: int,
+    device: str = "auto",
 ) -> tuple[str, ...]:
-    """Refuse flags that do not go together; returns the offloaded components."""
+    """Refuse flags that do not go together or devices this machine lacks; returns the offloaded
+    components."""
+    check_device(device, "--device")
+    if placement is not None:
+        sides = [d.strip() for d in placement.split(",")]
+        if len(sides) != 2:
+            raise ValueError(f"--placement {placement}: give two devices, A,B (e.g. cuda:0,cuda:1)")
+        for side in sides:
+            check_device(side, "--placement")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     offloaded = tuple(c.strip() for c in offload.split(",") if c.strip()) if offload else ()
@@ -87,6 +103,25 @@ def check_flags(
             "the compiled blocks); use one of them"
         )
     return offloaded
+
+
+def check_device(name: str, flag: str) -> None:
+    """`name` (auto, cpu, cuda, cuda:N) is a device this machine has."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"{flag} {name}: not a device ({err})") from None
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not count:
+        raise ValueError(
+            f"{flag} {name}: this machine has no CUDA device (torch.cuda.is_available() is False); use --device cpu"
+        )
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"{flag} {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 def resolve_settings(
@@ -161,12 +196,14 @@ def checked_specs(
     keep_going: bool = False,
     overrides: dict | None = None,
     annotators: dict | None = None,
+    model: str | Path | None = None,
 ) -> tuple[list[Spec], list[str], int]:
     """The batch's runnable specs, the failure lines of the others and the batch's spec count.
 
     `overrides` (flag -> value, None: not given) replace those keys in every spec. Prompts are
-    upsampled and checked here, so a refused prompt fails the batch before any work; without
-    `keep_going` any failure raises SpecError listing them all."""
+    upsampled and checked here, so a refused prompt fails the batch before any work; so does a
+    control block `model` (its config.json) has no branch for and a video field whose file does
+    not decode. Without `keep_going` any failure raises SpecError listing them all."""
     specs, failures = load_specs(
         Path(input).resolve(),
         keep_going=keep_going,
@@ -175,6 +212,10 @@ def checked_specs(
         annotated=tuple(annotators or {}),
     )
     refused = refusals(specs, mode, guard)
+    branches = Denoiser.config_from(model).modalities if model is not None else None
+    for more in (missing_branches(specs, branches) if branches is not None else {}, undecodable(specs)):
+        for name, reason in more.items():
+            refused.setdefault(name, reason)
     failures += [f"spec {s.name!r} ({s.source}): {refused[s.name]}" for s in specs if s.name in refused]
     total = len(specs) + len(failures)
     specs = [s for s in specs if s.name not in refused]
@@ -200,6 +241,45 @@ def refusals(specs: list[Spec], mode: str, guard: Guardrails) -> dict[str, str]:
         if reason:
             refused.setdefault(spec.name, reason)
     return refused
+
+
+def missing_branches(specs: list[Spec], branches: list[str]) -> dict[str, str]:
+    """Spec name -> its first control block the model has no branch for (the network's name of a
+    spec key: vis is the blur branch)."""
+    missing: dict[str, str] = {}
+    for spec in specs:
+        for key in spec.controls:
+            if MODALITY_NAMES[key] not in branches and spec.name not in missing:
+                has = ", ".join(branches) or "none"
+                missing[spec.name] = (
+                    f"field {key!r}: the model has no {MODALITY_NAMES[key]} control branch (it has: {has})"
+                )
+    return missing
+
+
+def undecodable(specs: list[Spec]) -> dict[str, str]:
+    """Spec name -> its first video field (video_path, control_path, mask_path) whose file does
+    not decode: its first frame is decoded here, once per file, so generation never meets it."""
+    from datamodules.codec import VideoDecodeError, decode_video
+
+    errors: dict[Path, str | None] = {}
+    bad: dict[str, str] = {}
+    for spec in specs:
+        fields = [("video_path", spec.video_path)] + [
+            (f"{key}.{f}", getattr(c, f)) for key, c in spec.controls.items() for f in ("control_path", "mask_path")
+        ]
+        for field, path in fields:
+            if path is None or spec.name in bad:
+                continue
+            if path not in errors:
+                try:
+                    decode_video(path.read_bytes(), [0])
+                    errors[path] = None
+                except (VideoDecodeError, OSError) as err:
+                    errors[path] = str(err)
+            if errors[path] is not None:
+                bad[spec.name] = f"field {field!r}: {path} is not a decodable video ({errors[path]})"
+    return bad
 
 
 def place(device: str, placement: str | None, dtype: str, ranks: Ranks) -> tuple[dict[str, torch.device], torch.dtype]:

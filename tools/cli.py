@@ -86,10 +86,40 @@ def _cosmos_flags(argv: list[str]) -> list[str]:
 # LightningCLI subcommands, passed through whole
 TRAINING = ("fit", "validate")
 
+# what a user's own input can raise: reported in one line (VIDISTILL_DEBUG=1 shows the traceback)
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError)
+
+
+def fit() -> None:
+    """Train a stage: vidistill fit --config RECIPE.yaml [--ckpt_path last] (fit --help: all options).
+
+    Listed for `vidistill --help` only: fit runs in trainers/cli.py (LightningCLI)."""
+
+
+def validate() -> None:
+    """Validate a stage: vidistill validate --config RECIPE.yaml --ckpt_path CKPT.
+
+    Listed for `vidistill --help` only: validate runs in trainers/cli.py (LightningCLI)."""
+
 
 def _load(target: str):
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
+
+
+def _rank() -> int:
+    """This process's global rank in a torchrun, SLURM or Lightning-launched job (0 alone)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return int(os.environ.get("NODE_RANK", 0) or 0) + int(os.environ.get("LOCAL_RANK", 0) or 0)
+
+
+def _fail(command: str, err: Exception) -> None:
+    """Exit with status 1 and the error in one line, printed once (by rank 0) however many
+    processes run the command."""
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    sys.exit(f"{f'vidistill {command}'.strip()}: error: {message}" if _rank() == 0 else 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,22 +127,23 @@ def main(argv: list[str] | None = None) -> None:
 
     from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in TRAINING:
-        # training subcommands are LightningCLI's own (recipes are its YAML)
-        from trainers.cli import main as lightning_main
-
-        lightning_main(None if from_shell else argv)
-        return
-    argv = _gather(_cosmos_flags(argv))
-    # load only the chosen subcommand; the others stay unimported
-    chosen = [argv[0]] if argv and argv[0] in COMMANDS else list(COMMANDS)
+    command = argv[0] if argv and argv[0] in (*COMMANDS, *TRAINING) else ""
     try:
-        CLI({name: _load(COMMANDS[name]) for name in chosen}, args=argv, prog="vidistill")
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        # bad input is reported in one line; VIDISTILL_DEBUG=1 shows the traceback
+        if command in TRAINING:
+            # training subcommands are LightningCLI's own (recipes are its YAML)
+            from trainers.cli import main as lightning_main
+
+            lightning_main(None if from_shell else argv)
+            return
+        argv = _gather(_cosmos_flags(argv))
+        # load only the chosen subcommand; the others stay unimported (help lists them all)
+        chosen = {command: _load(COMMANDS[command])} if command else {"fit": fit, "validate": validate}
+        chosen.update({} if command else {name: _load(target) for name, target in COMMANDS.items()})
+        CLI(chosen, args=argv, prog="vidistill")
+    except USER_ERRORS as err:
         if os.environ.get("VIDISTILL_DEBUG"):
             raise
-        sys.exit(f"vidistill {chosen[0] if len(chosen) == 1 else ''}: error: {err}")
+        _fail(command, err)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
     vidistill infer -i SPEC.json|SPECS.jsonl -o OUT --model MODEL_DIR [--num-steps 4] ...
 
-Everything is checked before any work (spec fields, files, prompts against the guardrails): an
-invalid batch writes nothing and exits non-zero, unless `--keep-going` runs the valid specs and
-reports the others at the end. Under torchrun the specs are split across ranks; every output is
-named after its spec, so each file is written once, by one rank. With `--context-parallel N`
-(as Transfer2.5's context parallel size) N consecutive ranks run each spec together, its tokens
-split between them (modules/nets/context.py), and the first of them writes the outputs. A spec whose `<name>.json`
-already records the same resolved spec and model is skipped (a rerun finishes a batch).
+Everything is checked before any work (flags and devices, the model's config, spec fields, files,
+that every video decodes and every control has a branch in the model, prompts against the
+guardrails): an invalid batch writes nothing and exits non-zero, unless `--keep-going` runs the
+valid specs and reports the others at the end. Under torchrun the specs are split across ranks;
+every output is named after its spec, so each file is written once, by one rank. With
+`--context-parallel N` (as Transfer2.5's context parallel size) N consecutive ranks run each spec
+together, its tokens split between them (modules/nets/context.py), and the first of them writes
+the outputs. A spec whose `<name>.json` already records the same resolved spec and model is
+skipped (a rerun finishes a batch).
 
 This file is the command line; the phases it calls are modules/inference.py's.
 """
@@ -102,7 +104,7 @@ def infer(
     from modules import inference
 
     ranks = inference.Ranks.from_env()
-    offloaded = inference.check_flags(mode, offload, placement, context_parallel, compile, ranks.world)
+    offloaded = inference.check_flags(mode, offload, placement, context_parallel, compile, ranks.world, device)
     settings = inference.resolve_settings(
         model,
         tokenizer=tokenizer,
@@ -116,7 +118,7 @@ def infer(
     guard = inference.make_guardrails(disable_guardrails, blocklist, safety_checker, prompt_upsampler)
     overrides = dict(num_steps=num_steps, guidance=guidance, seed=seed, resolution=resolution)
     specs, failures, total = inference.checked_specs(
-        input, mode, guard, keep_going=keep_going, overrides=overrides, annotators=annotators
+        input, mode, guard, keep_going=keep_going, overrides=overrides, annotators=annotators, model=model
     )
 
     devices, dt = inference.place(device, placement, dtype, ranks)

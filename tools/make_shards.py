@@ -12,7 +12,8 @@ samples (``samples_per_shard`` consecutive ones of the sorted list); each shard 
 ``index.json`` is rewritten after every finished shard. A rerun keeps every shard that
 index.json records with the same planned keys and options (or, with no index.json at all, every
 shard whose keys are the planned ones) and writes the rest. Changed file *contents* under
-unchanged names are not detected: pass ``--resume false`` after editing videos in place.
+unchanged names are not detected: pass ``--resume false`` after editing videos in place. Shards in
+OUT that make-shards did not write (no index.json of its own) are refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from datamodules.writer import SkipSample, read_index, write_shards
+from datamodules.writer import CREATED_BY, SkipSample, read_index, write_shards
 
 Members = list[tuple[str, bytes]]  # (extension, bytes) of one sample, in member order
 
@@ -314,6 +315,28 @@ def _transfer1_controls(src: Path, stem: str) -> Members:
     return controls
 
 
+def _refuse_foreign(out: str | os.PathLike, prefix: str, overwrite: bool) -> None:
+    """Shards that make-shards did not write (OUT has no index.json of its own) are not
+    overwritten unless asked: they may be a dataset copied there or another tool's output."""
+    if overwrite:
+        return
+    index = read_index(out)
+    if index is not None and index.get("created_by", CREATED_BY) == CREATED_BY:
+        return
+    found = sorted(Path(out).glob(f"{prefix}-*.tar"))
+    if found:
+        whose = "no index.json" if index is None else f"index.json by {index.get('created_by')!r}"
+        raise FileExistsError(
+            f"{found[0]} was not written by make-shards ({out} has {whose}) and would be overwritten: "
+            "pass --overwrite true to replace it, or choose another --out"
+        )
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """The names of a comma-separated list ("" -> none)."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def _parse_shape(text: str, n: int, what: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.lower().split("x"))
@@ -346,6 +369,7 @@ def make_shards(
     recursive: bool = False,
     resume: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> None:
     """Write webdataset shards from a folder of captioned videos, a Cosmos-Transfer1 KD folder or the
     synthetic default.
@@ -398,18 +422,19 @@ def make_shards(
             join the folders with ``__``.
         resume: keep the shards a previous run finished (see index.json); False rewrites all.
         progress: show a progress bar.
+        overwrite: replace ``{prefix}-*.tar`` files in ``out`` that make-shards did not write
+            (``out`` has no index.json of its own); without it they are refused, nothing written.
     """
+    _refuse_foreign(out, prefix, overwrite)
     if synthetic is not None:
         if src is not None or transfer1_kd:
             raise ValueError("--synthetic makes its own data: give no src and no --transfer1_kd")
         from datamodules.synthetic import PATTERNS, write_latent_shards, write_synthetic_shards
 
-        mods = tuple(m.strip() for m in controls.split(",") if m.strip())
+        mods = _names(controls)
         if synthetic == "video":
-            pats = PATTERNS if floors == "textured" else tuple(f.strip() for f in floors.split(",") if f.strip())
-            colours = (
-                None if floor_colours == "all" else tuple(c.strip() for c in floor_colours.split(",") if c.strip())
-            )
+            pats = PATTERNS if floors == "textured" else _names(floors)
+            colours = None if floor_colours == "all" else _names(floor_colours)
             paths = write_synthetic_shards(
                 out,
                 num_samples,

@@ -1,6 +1,7 @@
-"""What a user sees and keeps while a stage trains: sample videos (TensorBoard and files) with
-their control metrics, throughput and memory, checkpoints that are never half-written, and
-pre-emption. (EMA weights are the stage's own buffers: modules/stages/ema.py.)
+"""What a user sees and keeps while a stage trains: progress in steps (a bar in a terminal, a
+line every few steps in a log), sample videos (TensorBoard and files) with their control
+metrics, throughput and memory, checkpoints that are never half-written, and pre-emption. (EMA
+weights are the stage's own buffers: modules/stages/ema.py.)
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import io
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from weakref import proxy
@@ -16,7 +18,8 @@ from weakref import proxy
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from modules.checkpoint import PARTIAL, checkpoint_path, latest_checkpoint, remove_checkpoint, save_atomic
 from modules.nets import PEAK_TFLOPS, forward_flops
@@ -93,17 +96,27 @@ class SampleVideos(L.Callback):
         if trainer.global_rank != 0:
             return
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        step = log_step(trainer)
         for i, video in enumerate(videos[: self.max_videos]):
             frames = video.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
             if "control" in batch:
                 frames = np.concatenate([batch["control"][i].permute(1, 2, 3, 0).cpu().numpy(), frames], axis=2)
-            log_video(trainer.logger, f"samples/{i}", frames, trainer.global_step, self.fps)
+            log_video(trainer.logger, f"samples/{i}", frames, step, self.fps)
             if self.write_files:
                 from datamodules.codec import encode_video
 
                 out_dir.mkdir(parents=True, exist_ok=True)
                 data = encode_video(_even(frames), self.fps, codec="vp9")
                 (out_dir / f"step{trainer.global_step:07d}_{i}.webm").write_bytes(data)
+
+
+def log_step(trainer) -> int:
+    """The step Lightning logs `self.log` values at (its logger connector's, as its own
+    LearningRateMonitor uses): during fit the batches stepped so far, which validation inside an
+    epoch reads before the batch that triggered it is counted, i.e. one less than global_step.
+    Summaries written beside Lightning's (sample videos) use it, so they land on the step of the
+    validation scalars they belong to."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def _even(frames: np.ndarray) -> np.ndarray:
@@ -177,6 +190,95 @@ class Throughput(L.Callback):
         self._t0, self._samples, self._last_step = time.perf_counter(), 0, trainer.global_step
 
 
+class StepProgress(TQDMProgressBar):
+    """Training progress in optimizer steps against max_steps. In a terminal: one bar over the
+    whole run (Lightning's default counts the batches of each data epoch and reads `Epoch 0/-2`
+    when a run is counted in steps). When stdout is no terminal (nohup, SLURM, CI logs), where a
+    bar writes nothing readable: a line every `every` optimizer steps (default: the trainer's
+    log_every_n_steps) and at the last one, printed by rank 0:
+
+        step 50/400 (12%) | train/loss 0.1234 | 0.52 s/step | ETA 3m02s
+
+    The values are the progress bar's (what the stage logs with prog_bar=True); s/step is the
+    average since the previous line (validation included), the ETA that rate times the steps left.
+    `vidistill fit` puts this in place of Lightning's default progress bar."""
+
+    def __init__(self, every: int | None = None, refresh_rate: int = 1, terminal: bool | None = None):
+        """
+        Args:
+            every: optimizer steps between two lines when the output is no terminal; None: the
+                trainer's log_every_n_steps.
+            refresh_rate: steps between two redraws of the bar in a terminal.
+            terminal: draw the bar (True) or print lines (False); None: whether stdout is a terminal.
+        """
+        super().__init__(refresh_rate=refresh_rate)
+        self.every, self.terminal = every, terminal
+        self._mark: tuple[int, float] = (0, 0.0)  # (step, time) of the previous line
+
+    @property
+    def is_enabled(self) -> bool:
+        return bool(self.terminal) and super().is_enabled  # no bars where they would not render
+
+    @property
+    def train_description(self) -> str:
+        return "train (steps)"
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if self.terminal is None:
+            self.terminal = sys.stdout.isatty()  # where Lightning's bars (and these lines) go
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._mark = (trainer.global_step, time.perf_counter())
+        bar = self.train_progress_bar
+        bar.reset(total=self._total(trainer))
+        bar.initial = bar.n = trainer.global_step  # a resumed run starts where it was
+        bar.refresh()
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # one bar for the whole run, not one per data epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, total = trainer.global_step, self._total(trainer)
+        if self.is_enabled and (step % self.refresh_rate == 0 or step == total):
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws
+        every = self.every or trainer.log_every_n_steps or 50
+        if self.terminal or not trainer.is_global_zero or step == self._mark[0]:
+            return
+        if step % every == 0 or step == total:
+            print(self.line(trainer, pl_module, step, total), flush=True)
+
+    def line(self, trainer, pl_module, step: int, total: int | None) -> str:
+        """The progress line of `step` (and the start of the next rate's window)."""
+        now = time.perf_counter()
+        rate = (now - self._mark[1]) / max(step - self._mark[0], 1)
+        self._mark = (step, now)
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        parts = [f"step {step}/{total} ({100 * step // total}%)" if total else f"step {step}"]
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+        parts.append(f"{rate:.3g} s/step")
+        if total:
+            parts.append(f"ETA {_duration(rate * (total - step))}")
+        return " | ".join(parts)
+
+    @staticmethod
+    def _total(trainer) -> int | None:
+        """The run's optimizer steps: max_steps, else Lightning's estimate (None when unbounded)."""
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        total = trainer.estimated_stepping_batches
+        return int(total) if total != float("inf") else None
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def _batch_size(batch: dict) -> int:
     for key in ("latent", "video"):
         if key in batch:
@@ -196,7 +298,13 @@ class AtomicCheckpoint(ModelCheckpoint):
     non-finite stop. Lightning's own picks the newest `last*.ckpt` by modification time and
     overwrites a sharded `last.ckpt` directory in place, so a kill during that save left a mix of
     new and old shards that resumed as "last". `vidistill fit` turns a recipe's ModelCheckpoint
-    into this class."""
+    into this class.
+
+    Two more differences: a periodic checkpoint the run resumed from is removed like any other
+    once a newer one is saved (Lightning keeps the checkpoint it resumed from forever, so with
+    save_top_k 1 every resume left one more behind); and with save_last, the end of training
+    saves "last" at the final step when the last periodic save was earlier (Lightning saves it at
+    the end only when nothing was saved), so "last" is always the trained state."""
 
     def setup(self, trainer, pl_module, stage) -> None:
         super().setup(trainer, pl_module, stage)
@@ -212,6 +320,22 @@ class AtomicCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+    def _should_remove_checkpoint(self, trainer, previous: str, current: str) -> bool:
+        # Lightning's rule without its exception for the checkpoint the run resumed from: a
+        # replaced checkpoint of this directory goes, one elsewhere (e.g. --ckpt_path from
+        # another run) stays. Safe here: the newer one is complete before this is asked.
+        if previous == current:
+            return False
+        if not _is_local_file_protocol(previous):
+            return True
+        return Path(self.dirpath).absolute() in Path(previous).absolute().parents
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         if trainer.is_global_zero:

@@ -36,6 +36,12 @@ class NetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> NetConfig:
+        """The config of a `to_dict` dict (a directory's config.json). Anything else (another
+        model's config.json, a key this version does not know) raises ValueError naming it,
+        rather than building the default network in its place."""
+        _check_keys(d, cls, "")
+        _check_keys(d["dit"], DiTConfig, "dit.")
+        _check_keys(d.get("control", {}), ControlConfig, "control.")
         return cls(
             dit=DiTConfig(**d.get("dit", {})),
             control=ControlConfig(**d.get("control", {})),
@@ -47,6 +53,22 @@ class NetConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_keys(d: object, cls: type, where: str) -> None:
+    """`d` is a dict of `cls`'s fields (a NetConfig's needs its `dit` part)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(d, dict):
+        what = where.rstrip(".") or "the config"
+        raise ValueError(f"not a vidistill network config: {what} is a {type(d).__name__}, not an object")
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(
+            f"not a vidistill network config: unknown key(s) {', '.join(where + k for k in unknown)} "
+            f"(a {cls.__name__} has {', '.join(known)})"
+        )
+    if cls is NetConfig and "dit" not in d:
+        raise ValueError(f"not a vidistill network config: no 'dit' section (a NetConfig has {', '.join(known)})")
 
 
 PRESETS: dict[str, NetConfig] = {

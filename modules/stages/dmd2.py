@@ -273,8 +273,7 @@ class DMD2(Stage):
                 opt.zero_grad(set_to_none=True)
         loss, parts = self.turn_loss(batch, turn, micro, is_student)
         self.manual_backward(loss.mean() / self.micro_batches)
-        who = "student" if is_student else "critic"
-        self.log_dict({f"train/{who}_{k}": v.mean() for k, v in parts.items()}, sync_dist=True)
+        self.log_turn(is_student, loss, parts)
         self.log_skipped(batch)
         self._stepped_student = False
         if micro == self.micro_batches - 1:
@@ -287,6 +286,23 @@ class DMD2(Stage):
             if self.ema is not None and self._stepped_student:  # before checkpoint callbacks (Stage.optimizer_step)
                 self.ema.update(self.student)
         return loss.detach().mean()
+
+    def log_turn(self, is_student: bool, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """The turn's loss parts as train/student_<part> or train/critic_<part>, averaged over the
+        ranks (as sync_dist does), written at this turn's step only: every student turn, and a
+        critic turn at the trainer's log_every_n_steps. Through `self.log` a key keeps its last
+        value until the data epoch ends and is written again at every later logging step, so the
+        student's losses repeated on the critic turns (and logging every n steps skipped student
+        turns altogether). The progress bar shows the turn's loss (student_loss / critic_loss)."""
+        who = "student" if is_student else "critic"
+        self.log(f"{who}_loss", loss.detach().mean(), prog_bar=True, logger=False)
+        values = torch.stack([v.mean() for v in parts.values()])
+        values = self.trainer.strategy.reduce(values, reduce_op="mean")  # every turn, on every rank
+        step, every = self.trainer.fit_loop.epoch_loop._batches_that_stepped, self.trainer.log_every_n_steps
+        if every and (is_student or (step + 1) % every == 0):
+            metrics = {f"train/{who}_{k}": float(v) for k, v in zip(parts, values.tolist())}
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=step)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The fake score's loss on fresh student samples: how far the critic lags the student."""

@@ -121,7 +121,10 @@ def training_config(stage: str, steps: int, device: str, val_samples: int | None
         recipe["data"]["init_args"]["val_samples"] = val_samples
     for cb in trainer.get("callbacks", []):
         if cb["class_path"].endswith(("ModelCheckpoint", "AtomicCheckpoint")):
-            cb["init_args"]["every_n_train_steps"] = steps
+            # the recipe's periodic checkpoints (a rerun resumes from the latest; "last" is saved
+            # at the end too), at least one per stage
+            every = cb["init_args"].get("every_n_train_steps") or steps
+            cb["init_args"]["every_n_train_steps"] = min(every, steps)
     if "optim" in model:
         model["optim"]["total_steps"] = steps
     for key in ("optim", "student_optim", "critic_optim"):  # warm-up: at most a tenth of the budget
@@ -137,10 +140,11 @@ def training_config(stage: str, steps: int, device: str, val_samples: int | None
 
 
 def fit(stage: str, steps: int, device: str, val_samples: int | None = None) -> None:
-    """`vidistill fit` of a quickstart recipe; resumes from the stage's last checkpoint if one exists."""
+    """`vidistill fit` of a quickstart recipe; an interrupted stage resumes from its latest
+    complete checkpoint (`--ckpt_path last`: the recipes save one every 50 steps)."""
     config = training_config(stage, steps, device, val_samples)
-    last = RUNS / stage / "checkpoints" / "last.ckpt"
-    cli("fit", "--config", config, *(["--ckpt_path", last] if last.exists() else []))
+    resume = (RUNS / stage / "checkpoints").is_dir()
+    cli("fit", "--config", config, *(["--ckpt_path", "last"] if resume else []))
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +271,14 @@ def quickstart(*, out: str = "quickstart", device: str = "cpu", budget: str = "f
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda":  # before any data is made
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                "run with --device cpu"
+            )
     if budget not in BUDGETS[device]:
         raise ValueError(f"budget must be one of {', '.join(BUDGETS[device])}, got {budget!r}")
     if not RECIPES.is_dir():
