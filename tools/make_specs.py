@@ -28,6 +28,7 @@ def make_specs(
     num_steps: int | None = None,
     guidance: float | None = None,
     control_weight: float = ControlSpec.control_weight,
+    seed: int | None = None,
 ) -> Path:
     """Write one spec per clip of `shards` (a folder of .tar shards or one .tar).
 
@@ -42,10 +43,15 @@ def make_specs(
         num_steps: written into every spec (default: left out, so infer takes the spec default).
         guidance: written into every spec (default: left out, so infer takes the spec default).
         control_weight: weight of every control block (default: the spec default).
+        seed: the specs' sampling seeds derive from it (clip i: mix_seed(seed, i)); default: clip
+            i has seed i.
+
+    Returns the path of the spec file.
     """
     import webdataset as wds
 
     from datamodules.codec import probe
+    from datamodules.seeds import mix_seed
     from datamodules.shards import expand_shards
     from datamodules.synthetic import SHAPES_MEMBER
     from modules.spec import MODALITY_NAMES
@@ -74,7 +80,7 @@ def make_specs(
             "name": key,
             "prompt": caption.strip(),
             "video_path": f"videos/{key}.mp4",
-            "seed": len(lines),
+            "seed": len(lines) if seed is None else mix_seed(seed, len(lines)),
             "resolution": f"{info.height}x{info.width}",
             "max_frames": info.frames,
         }

@@ -111,7 +111,7 @@ def comparison_videos(out: Path, specs: list[dict]) -> list[tuple[str, str, str,
     for spec in specs:
         name, frames = spec["name"], spec["max_frames"]
         source = _frames(out / SPECS / "videos", name)
-        generated = [_frames(out / OUTPUTS / folder, name) for folder, _, _, _ in RUNS_TO_COMPARE]
+        generated = [_frames(out / OUTPUTS / folder, name) for folder, *_ in RUNS_TO_COMPARE]
         if source is None or any(g is None for g in generated):
             continue
         video = comparison_video([source, edge(source[:frames])] + generated, frames)
@@ -121,20 +121,27 @@ def comparison_videos(out: Path, specs: list[dict]) -> list[tuple[str, str, str,
 
 
 def metrics_table(metrics: dict) -> str:
-    """The metrics table's rows: quality, NFE, time and speed-up per compared model."""
+    """The metrics table's rows: per compared model, where it came from, its quality against
+    ground truth and against its control (means ± standard deviations over the held-out clips),
+    NFE, time and speed-up."""
 
-    def cell(v, digits=3):
-        return "–" if v is None else f"{v:.{digits}f}"
+    def cell(r: dict, key: str, digits: int = 3) -> str:
+        if r.get(key) is None:
+            return "–"
+        spread = f" ± {r[f'{key}_std']:.{digits}f}" if f"{key}_std" in r else ""
+        return f"{r[key]:.{digits}f}{spread}"
 
     table = [
-        "<tr><th>model</th><th>Edge F1 (1 px)</th><th>Blur SSIM</th><th>NFE</th><th>s / video</th>"
+        "<tr><th>model</th><th>where it came from</th><th>shape IoU</th><th>PSNR (dB)</th>"
+        "<th>Edge F1 (1 px)</th><th>Blur SSIM</th><th>NFE</th><th>s / video</th>"
         f"<th>speed-up vs {html.escape(metrics['runs'][0]['label'])}</th></tr>"
     ]
     for r in metrics["runs"]:
         table.append(
-            f"<tr><td>{html.escape(r['label'])}</td><td>{cell(r.get('edge_f1'))}</td>"
-            f"<td>{cell(r.get('blur_ssim'))}</td><td>{cell(r.get('nfe'), 0)}</td>"
-            f"<td>{cell(r.get('seconds'), 2)}</td><td>{r['speedup']:.2f}x</td></tr>"
+            f"<tr><td>{html.escape(r['label'])}</td><td>{html.escape(r.get('source', ''))}</td>"
+            f"<td>{cell(r, 'shape_iou')}</td><td>{cell(r, 'psnr', 2)}</td><td>{cell(r, 'edge_f1')}</td>"
+            f"<td>{cell(r, 'blur_ssim')}</td><td>{r.get('nfe', 0):.0f}</td>"
+            f"<td>{r.get('seconds', 0):.2f}</td><td>{r['speedup']:.2f}x</td></tr>"
         )
     return "".join(table)
 
@@ -145,7 +152,7 @@ def write_report(out: Path) -> Path:
     state = json.loads((out / "quickstart.json").read_text())
     metrics = json.loads((out / EVAL / "metrics.json").read_text())
     specs = [json.loads(line) for line in (out / SPECS / "edge.jsonl").read_text().splitlines() if line.strip()]
-    labels = ["input", "edge control"] + [label for _, label, _, _ in RUNS_TO_COMPARE]
+    labels = ["input", "edge control"] + [label for _, label, *_ in RUNS_TO_COMPARE]
     rows = comparison_videos(out, specs[:4])
     stages = "".join(f"<tr><td>{html.escape(k)}</td><td>{v / 60:.1f} min</td></tr>" for k, v in state["stages"].items())
     charts = "".join(
@@ -159,6 +166,7 @@ def write_report(out: Path) -> Path:
         for name, prompt, src, w, h in rows
     )
     table = metrics_table(metrics)
+    teacher = next((r.get("source", "") for r in metrics["runs"] if r["label"].startswith("teacher (")), "")
     chart = (out / EVAL / "metrics.svg").read_text() if (out / EVAL / "metrics.svg").is_file() else ""
     total = sum(state["stages"].values())
     page = f"""<!doctype html>
@@ -173,10 +181,13 @@ figure {{ margin: 0 0 18px; }} figcaption {{ font-size: 13px; margin-bottom: 4px
 video {{ image-rendering: pixelated; display: block; }} .charts svg {{ margin-right: 12px; }}
 </style></head><body>
 <h1>vidistill quickstart</h1>
-<p>A tiny base trained from scratch on synthetic clips, edge and blur control branches on it (the teacher),
+<p>The teacher distilled here: {html.escape(teacher)}. A blur control branch trained on its frozen base,
 the teacher's trajectories (KD data), a 4-step student warmed up on them (KD) and distilled with DMD2,
 then every model run by <code>vidistill infer</code> on {len(specs)} held-out clips and scored by
-<code>vidistill evaluate</code>. Budget: <code>{html.escape(json.dumps(state["budget"]))}</code>;
+<code>vidistill evaluate</code> against the clips' ground truth (shape IoU against the shapes the
+generator drew; PSNR against the clip) and against the edge control (Edge F1). The control-free base
+is the teacher with its edge branch at weight 0: the same prompts and seeds without the control.
+Seed {state.get("seed", 0)}; budget: <code>{html.escape(json.dumps(state["budget"]))}</code>;
 device {html.escape(state["device"])} ({html.escape(state["machine"])}).</p>
 <h2>Videos</h2>
 <p>Per held-out clip: the input, its edge control, then each model's video ({SCALE}x enlarged, looped).</p>

@@ -8,27 +8,24 @@ from pathlib import Path
 
 RUNS = Path("runs/quickstart")
 DATA = RUNS / "data"  # the synthetic shards: train/ and val/
-SPECS = RUNS / "specs"  # held-out specs (edge.jsonl, edge_vis.jsonl) and their clips (videos/)
+SPECS = RUNS / "specs"  # held-out specs (*.jsonl) and their clips and shape masks (videos/)
 OUTPUTS = RUNS / "out"  # infer's outputs, one folder per compared model
 EVAL = RUNS / "eval"  # evaluate's metrics.json, metrics.md and metrics.svg
 TRAINED = ("base", "edge", "blur", "kd", "dmd2")  # the training stages, each under RUNS/<stage>
+# the shipped network the base and edge stages are replaced by: the edge teacher (base + edge branch)
+SHIPPED = {"edge": "quickstart-edge"}
 
-# (output folder, label, model, extra infer arguments) in the report's order; the first is the reference
+# (output folder, label, model, spec file, extra infer arguments) in the report's order; the first
+# row is the reference of the speed-up column. The control-free base is the teacher with its edge
+# branch at weight 0: the same network, seeds and prompts, the control's residual times 0.
 RUNS_TO_COMPARE = [
-    ("teacher", "teacher (35 steps)", RUNS / "edge/export", ["--input", "edge.jsonl"]),
+    ("base", "control-free base (35 steps)", RUNS / "edge/export", "edge_off.jsonl", []),
+    ("teacher", "teacher (35 steps)", RUNS / "edge/export", "edge.jsonl", []),
     # the specs ask 35 steps (the teacher's); a student is told its own count
-    ("kd", "KD student (4 steps)", RUNS / "kd/export", ["--input", "edge.jsonl", "--num-steps", 4]),
-    (
-        "dmd2",
-        "DMD2 student (4 steps)",
-        RUNS / "dmd2/consolidated/student",
-        ["--input", "edge.jsonl", "--num-steps", 4],
-    ),
-    (
-        "dmd2_1step",
-        "DMD2 student (1 step)",
-        RUNS / "dmd2/consolidated/student",
-        ["--input", "edge.jsonl", "--num-steps", 1],
-    ),
-    ("teacher_edge_vis", "teacher, edge + vis (35 steps)", RUNS / "teacher_edge_vis", ["--input", "edge_vis.jsonl"]),
+    ("kd", "KD student (4 steps)", RUNS / "kd/export", "edge.jsonl", ["--num-steps", 4]),
+    ("dmd2", "DMD2 student (4 steps)", RUNS / "dmd2/consolidated/student", "edge.jsonl", ["--num-steps", 4]),
+    ("dmd2_1step", "DMD2 student (1 step)", RUNS / "dmd2/consolidated/student", "edge.jsonl", ["--num-steps", 1]),
+    ("teacher_edge_vis", "teacher, edge + vis (35 steps)", RUNS / "teacher_edge_vis", "edge_vis.jsonl", []),
 ]
+# the spec files make-specs writes: (file, controls, control weight)
+SPEC_FILES = [("edge.jsonl", "edge", 1.0), ("edge_off.jsonl", "edge", 0.0), ("edge_vis.jsonl", "edge,vis", 1.0)]

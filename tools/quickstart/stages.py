@@ -6,13 +6,12 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .report import write_report
-from .runs import DATA, EVAL, OUTPUTS, RUNS, RUNS_TO_COMPARE, SPECS
+from .runs import DATA, EVAL, OUTPUTS, RUNS, RUNS_TO_COMPARE, SHIPPED, SPEC_FILES, SPECS
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
 # the recipes' clip size
@@ -25,12 +24,14 @@ SCENE = ["--floors", "plain", "--floor_colours", "black", "--shape_scale", 1.8]
 
 @dataclass
 class Budget:
-    """How much each stage does. `full` is the quickstart; `smoke` checks the plumbing (CI)."""
+    """How much each stage does. `full` is the quickstart; `smoke` checks the plumbing (CI).
+    base_steps and control_steps (and train_clips for them) are spent only with --from-scratch:
+    otherwise the base and the edge teacher are the shipped ones (modules/weights/)."""
 
     train_clips: int = 256
     val_clips: int = 16
-    base_steps: int = 190
-    control_steps: int = 140
+    base_steps: int = 5000
+    control_steps: int = 2500
     blur_steps: int = 30
     kd_clips: int = 32
     kd_val_clips: int = 8
@@ -38,7 +39,10 @@ class Budget:
     dmd2_turns: int = 20
     val_samples: int = 4
     """Held-out clips each training stage validates on (loss, sample videos, Edge F1) at its end."""
-    specs: int = 8
+    specs: int = 16
+    """Held-out clips every compared model generates and is scored on (mean and spread)."""
+    pretrain_clips: int = 2048
+    """Training clips of --from-scratch's base and edge stages (the shipped weights' data)."""
 
 
 SMOKE = Budget(
@@ -53,24 +57,23 @@ SMOKE = Budget(
     dmd2_turns=6,
     specs=2,
     val_samples=2,
+    pretrain_clips=16,
 )
 BUDGETS = {
     "cpu": {"full": Budget(), "smoke": SMOKE},
-    # one GPU: the CPU run's clips and networks with about 15x the steps and 8x the clips, what the
-    # tiny networks need to draw the shapes (measured on an H200: 200 base + 200 edge steps give
-    # scattered blocks, 1000 + 500 shapes in patches, 3000 + 1500 whole shapes that follow the edges)
+    # one GPU: the same networks and shipped teacher, with about 10x the steps and clips for the
+    # stages run here (blur branch, KD data, KD warmup, DMD2); --from-scratch trains the base and
+    # edge teacher with the shipped budget, which a GPU does in minutes
     "cuda": {
         "full": Budget(
             train_clips=2048,
             val_clips=16,
-            base_steps=3000,
-            control_steps=1500,
             blur_steps=500,
             kd_clips=512,
             kd_val_clips=16,
             kd_steps=600,
             dmd2_turns=400,
-            specs=8,
+            specs=16,
             val_samples=8,
         ),
         "smoke": SMOKE,
@@ -105,13 +108,15 @@ def cli(*args) -> None:
     main([str(a) for a in args])
 
 
-def training_config(stage: str, steps: int, device: str, val_samples: int | None = None) -> Path:
-    """The recipe with this run's budget: max_steps, the LR schedule's length, when to validate and
-    checkpoint. Written next to the runs, for the record."""
+def training_config(stage: str, steps: int, device: str, val_samples: int | None = None, seed: int = 0) -> Path:
+    """The recipe with this run's budget and seed: max_steps, the LR schedule's length, when to
+    validate and checkpoint, the seed of every draw. Written next to the runs, for the record."""
     import yaml
 
     recipe = yaml.safe_load((RECIPES / f"{stage}.yaml").read_text())
     trainer, model = recipe["trainer"], recipe["model"]["init_args"]
+    recipe["seed_everything"] = seed
+    model.setdefault("options", {})["seed"] = seed
     trainer["max_steps"] = trainer["val_check_interval"] = steps
     # enough points for the report's loss curves even on a short budget
     trainer["log_every_n_steps"] = max(1, min(trainer.get("log_every_n_steps", 50), steps // 25))
@@ -139,10 +144,10 @@ def training_config(stage: str, steps: int, device: str, val_samples: int | None
     return path
 
 
-def fit(stage: str, steps: int, device: str, val_samples: int | None = None) -> None:
+def fit(stage: str, steps: int, device: str, val_samples: int | None = None, seed: int = 0) -> None:
     """`vidistill fit` of a quickstart recipe; an interrupted stage resumes from its latest
     complete checkpoint (`--ckpt_path last`: the recipes save one every 50 steps)."""
-    config = training_config(stage, steps, device, val_samples)
+    config = training_config(stage, steps, device, val_samples, seed)
     resume = (RUNS / stage / "checkpoints").is_dir()
     cli("fit", "--config", config, *(["--ckpt_path", "last"] if resume else []))
 
@@ -152,31 +157,39 @@ def fit(stage: str, steps: int, device: str, val_samples: int | None = None) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def make_data(b: Budget) -> None:
+def make_data(b: Budget, seed: int, from_scratch: bool) -> None:
     """Synthetic train and held-out val shards at the recipes' clip size (no stored controls: the
-    datamodule computes them)."""
+    datamodule computes them; shape masks for evaluation). Val clips come from seed + 1, so they
+    are never among the training clips (nor among the shipped weights' training clips, seed 0)."""
     size = [*CLIP, "--controls", "", *SCENE, "--progress", "false"]
-    cli("make-shards", "--synthetic", "video", "--out", DATA / "train", "--num_samples", b.train_clips, *size)
-    cli(
-        "make-shards",
-        "--synthetic",
-        "video",
-        "--out",
-        DATA / "val",
-        "--num_samples",
-        b.val_clips,
-        "--seed",
-        1,
-        "--prefix",
-        "val",
-        *size,
-    )
+    clips = b.pretrain_clips if from_scratch else b.train_clips
+    cli("make-shards", "--synthetic", "video", "--out", DATA / "train", "--num_samples", clips, "--seed", seed, *size)
+    val = ["--num_samples", b.val_clips, "--seed", seed + 1, "--prefix", "val"]
+    cli("make-shards", "--synthetic", "video", "--out", DATA / "val", *val, *size)
 
 
-def make_kd_data(b: Budget) -> None:
+def install_shipped() -> None:
+    """The shipped edge teacher (checked against its recorded hashes) where the edge stage would
+    have exported it, and its base, split off it, where the base stage would have."""
+    import shutil
+
+    from modules.combine import split
+    from modules.pretrained import shipped
+
+    teacher = shipped(SHIPPED["edge"])
+    for stage in ("base", "edge"):
+        shutil.rmtree(RUNS / stage / "export", ignore_errors=True)
+    shutil.copytree(teacher, RUNS / "edge/export", ignore=shutil.ignore_patterns("RECORD.json"))
+    parts = RUNS / "shipped_parts"
+    split(str(teacher), parts)
+    shutil.move(parts / "base", RUNS / "base/export")
+    shutil.rmtree(parts)
+
+
+def make_kd_data(b: Budget, seed: int) -> None:
     """The teacher's trajectories on train clips (the recipe's output) and on the val clips."""
     recipe = RECIPES / "kd_data.yaml"
-    cli("make-kd-data", "--config", recipe, "--num_samples", b.kd_clips)
+    cli("make-kd-data", "--config", recipe, "--num_samples", b.kd_clips, "--seed", seed)
     cli(
         "make-kd-data",
         "--config",
@@ -187,6 +200,8 @@ def make_kd_data(b: Budget) -> None:
         RUNS / "kd/val",
         "--num_samples",
         b.kd_val_clips,
+        "--seed",
+        seed,
     )
 
 
@@ -200,74 +215,89 @@ def combine() -> None:
     cli("combine", RUNS / "base/export", "--control", controls, "--out", RUNS / "teacher_edge_vis")
 
 
-def make_specs(b: Budget) -> None:
-    """Held-out specs over the val clips: one file with the edge control, one with edge + vis."""
-    for controls, file in (("edge", "edge.jsonl"), ("edge,vis", "edge_vis.jsonl")):
-        cli(
-            "make-specs",
-            DATA / "val",
-            "--out",
-            SPECS,
-            "--controls",
-            controls,
-            "--num",
-            b.specs,
-            "--file",
-            file,
-            "--num_steps",
-            35,
-            "--guidance",
-            0,
-        )
+def make_specs(b: Budget, seed: int) -> None:
+    """Held-out specs over the val clips (SPEC_FILES: edge, edge at weight 0, edge + vis), their
+    sampling seeds from `seed`."""
+    for file, controls, weight in SPEC_FILES:
+        args = ["--controls", controls, "--control_weight", weight, "--num", b.specs, "--file", file]
+        cli("make-specs", DATA / "val", "--out", SPECS, *args, "--num_steps", 35, "--guidance", 0, "--seed", seed)
 
 
-def infer_all(specs: Path, out_dir: Path, device: str) -> None:
+def infer_all(device: str) -> None:
     """Every compared model over the held-out specs (lossless copies for exact scoring)."""
-    for folder, _, model, extra in RUNS_TO_COMPARE:
-        args = [a if a not in ("edge.jsonl", "edge_vis.jsonl") else specs / a for a in extra]
-        cli(
-            "infer",
-            *args,
-            "-o",
-            out_dir / folder,
-            "--model",
-            model,
-            "--lossless",
-            "--device",
-            "cuda" if device == "cuda" else "cpu",
-        )
+    for folder, _, model, specs, extra in RUNS_TO_COMPARE:
+        where = ["-o", OUTPUTS / folder, "--model", model, "--lossless", "--device", device]
+        cli("infer", "--input", SPECS / specs, *extra, *where)
 
 
-def evaluate() -> None:
-    labels = json.dumps([label for _, label, _, _ in RUNS_TO_COMPARE])
-    cli("evaluate", *(OUTPUTS / r for r, _, _, _ in RUNS_TO_COMPARE), "--labels", labels, "--out", EVAL)
+def sources(state: dict) -> list[str]:
+    """Where each compared model came from, for metrics.json and the report."""
+    trained = state["trained"]
 
+    def made(stage: str) -> str:
+        if stage in trained:
+            return f"trained in this run: {trained[stage]} steps"
+        return f"shipped (modules/weights/{SHIPPED['edge']})"
 
-def stages(b: Budget, device: str) -> list[tuple[str, Callable[[], object], Path | None]]:
-    """(name, run, artifact) in order; a stage whose artifact exists is done already."""
+    teacher = made("edge")
     return [
-        ("data", lambda: make_data(b), None),
-        ("base", lambda: fit("base", b.base_steps, device, b.val_samples), RUNS / "base/export"),
-        ("edge", lambda: fit("edge", b.control_steps, device, b.val_samples), RUNS / "edge/export"),
-        ("blur", lambda: fit("blur", b.blur_steps, device, b.val_samples), RUNS / "blur/export"),
-        ("kd_data", lambda: make_kd_data(b), None),
-        ("kd", lambda: fit("kd", b.kd_steps, device, b.val_samples), RUNS / "kd/export"),
-        ("dmd2", lambda: fit("dmd2", b.dmd2_turns, device, b.val_samples), RUNS / "dmd2/export"),
-        ("consolidate", consolidate, RUNS / "dmd2/consolidated/student"),
-        ("combine", combine, RUNS / "teacher_edge_vis/model.safetensors"),
-        ("specs", lambda: make_specs(b), None),
-        ("infer", lambda: infer_all(SPECS, OUTPUTS, device), None),
-        ("evaluate", evaluate, None),
+        f"the teacher with its edge branch at weight 0: base {made('base')}",
+        teacher,
+        f"KD warmup from the teacher ({teacher}), {made('kd')}",
+        f"DMD2 from the KD student, {made('dmd2')}",
+        f"DMD2 from the KD student, {made('dmd2')}, sampled with 1 step",
+        f"base and edge teacher ({teacher}) + blur branch {made('blur')}",
     ]
 
 
-def quickstart(*, out: str = "quickstart", device: str = "cpu", budget: str = "full") -> Path:
+def evaluate(state: dict) -> None:
+    labels = json.dumps([label for _, label, _, _, _ in RUNS_TO_COMPARE])
+    runs = [OUTPUTS / folder for folder, _, _, _, _ in RUNS_TO_COMPARE]
+    where = ["--reference", SPECS / "videos", "--out", EVAL]
+    cli("evaluate", *runs, "--labels", labels, "--sources", json.dumps(sources(state)), *where)
+
+
+def stages(b: Budget, device: str, seed: int, from_scratch: bool, state: dict):
+    """(name, run, artifact) in order; a stage whose artifact exists is done already."""
+    trained = state.setdefault("trained", {})
+
+    def train(stage: str, steps: int):
+        def run() -> None:
+            fit(stage, steps, device, b.val_samples, seed)
+            trained[stage] = steps
+
+        return stage, run, RUNS / stage / "export"
+
+    teacher = [train("base", b.base_steps), train("edge", b.control_steps)] if from_scratch else []
+    return [
+        ("data", lambda: make_data(b, seed, from_scratch), None),
+        *(teacher or [("shipped", install_shipped, RUNS / "edge/export")]),
+        train("blur", b.blur_steps),
+        ("kd_data", lambda: make_kd_data(b, seed), None),
+        train("kd", b.kd_steps),
+        train("dmd2", b.dmd2_turns),
+        ("consolidate", consolidate, RUNS / "dmd2/consolidated/student"),
+        ("combine", combine, RUNS / "teacher_edge_vis/model.safetensors"),
+        ("specs", lambda: make_specs(b, seed), None),
+        ("infer", lambda: infer_all(device), None),
+        ("evaluate", lambda: evaluate(state), None),
+    ]
+
+
+def quickstart(
+    *, out: str = "quickstart", device: str = "cpu", budget: str = "full", seed: int = 0, from_scratch: bool = False
+) -> Path:
     """Run the whole pipeline on the embedded default and write OUT/report.html.
 
     Args:
         out: output directory; everything goes under it. Rerunning skips finished stages.
         device: cpu or cuda (one GPU, the same tiny networks).
         budget: full (the quickstart) or smoke (a few steps per stage, to check the plumbing).
+        seed: the seed of everything the run draws: data, training, KD noise and sampling.
+        from_scratch: train the base and the edge teacher here with the recipes and budget the
+            shipped ones were made with (modules/weights/*/RECORD.json) instead of using them.
+
+    Returns the path of report.html.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
@@ -289,8 +319,9 @@ def quickstart(*, out: str = "quickstart", device: str = "cpu", budget: str = "f
     state_file = root / "quickstart.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"stages": {}}
     state.update(budget=asdict(b), device=device, machine=f"{platform.machine()}, {os.cpu_count()} cores")
+    state.update(seed=seed, from_scratch=from_scratch)
     with inside(root):
-        for name, run, artifact in stages(b, device):
+        for name, run, artifact in stages(b, device, seed, from_scratch, state):
             if artifact is not None and Path(artifact).exists():
                 print(f"[quickstart] {name}: done already ({artifact})", flush=True)
                 continue
