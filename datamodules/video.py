@@ -14,7 +14,8 @@ Batch (a dict; B = batch_size, every tensor on CPU until Lightning moves it):
 - ``control`` uint8 (B, 3, T, H, W) when ``modality`` is set (with ``use_latents`` and a
   ``control.<modality>`` latent in the sample: ``control_latent`` (B, C, T', H', W') instead)
 - ``mask`` float32 (B, 1, T, H, W) when any sample of the batch has ``mask.mp4`` (the others
-  get ones)
+  get ones); ControlTraining and DMD2 weight their control by it (``Cond.control_weights``, as
+  a spec's mask_path does in inference), KDWarmup does not read it
 - ``caption`` list[str], ``key`` list[str], ``fps`` float32 (B,) (the clip's rate:
   ``target_fps``, else the source fps / ``stride``)
 - ``text_emb`` (B, L, D) + ``text_mask`` bool (B, L) with ``use_text_embeddings`` (shorter

@@ -8,11 +8,14 @@ through small protocols and are loaded from a "package.module:ClassName" spec.
 Typical use in an inference loop::
 
     g = Guardrails.default()
-    if (reason := g.check_prompt(prompt)) is not None: refuse(reason)
-    prompt = g.prepare_prompt(prompt)
+    prompt, reason = g.prompt(prompt)    # checks the prompt, upsamples it, checks the result
+    if reason is not None: refuse(reason)
     video = generate(prompt)
     if (reason := g.check_video(video)) is not None: refuse(reason)
     video = g.postprocess(video)
+
+The prompt upsampler is no guardrail: it rewrites prompts with the checks on or off
+(`Guardrails.disabled(upsampler)` keeps it and checks nothing).
 """
 
 from __future__ import annotations
@@ -208,7 +211,8 @@ class PromptUpsampler(Protocol):
 
 @dataclass
 class Guardrails:
-    """The guardrails applied around one generation; every part is optional."""
+    """The guardrails applied around one generation, and the prompt upsampler that runs with or
+    without them; every part is optional."""
 
     blocklist: PromptBlocklist | None = None
     face_blur: FaceBlur | None = None
@@ -224,14 +228,16 @@ class Guardrails:
         return cls(blocklist=blocklist, face_blur=FaceBlur(HaarFaceDetector()))
 
     @classmethod
-    def disabled(cls) -> Guardrails:
-        """No checks: every prompt and video passes unchanged."""
-        return cls()
+    def disabled(cls, upsampler: PromptUpsampler | None = None) -> Guardrails:
+        """No checks: every prompt and video passes unchanged, except that prompts are still
+        upsampled when an upsampler is given (it is a prompt rewriter, not a check)."""
+        return cls(upsampler=upsampler)
 
     @property
     def enabled(self) -> bool:
-        """Whether anything is checked or changed (recorded with every output)."""
-        return bool(self.blocklist or self.face_blur or self.safety or self.upsampler)
+        """Whether anything is checked or blurred (recorded with every output); the upsampler
+        does not count, as it checks nothing."""
+        return bool(self.blocklist or self.face_blur or self.safety)
 
     def check_prompt(self, prompt: str) -> str | None:
         """Blocklist first (cheap), then each safety checker; the first reason wins."""
@@ -243,12 +249,22 @@ class Guardrails:
         return None
 
     def prepare_prompt(self, prompt: str) -> str:
-        """The upsampled prompt, or the prompt itself without an upsampler.
-
-        An upsampler can introduce new content, so callers should run check_prompt on
-        its output as well as on the user's prompt.
-        """
+        """The upsampled prompt, or the prompt itself without an upsampler (no checks: `prompt`
+        checks both)."""
         return self.upsampler.upsample(prompt) if self.upsampler is not None else prompt
+
+    def prompt(self, prompt: str) -> tuple[str, str | None]:
+        """(the prompt to generate from, None) or (it, the refusal reason).
+
+        The user's prompt is checked before it is upsampled, so an upsampler cannot rewrite a
+        refused request into an accepted one, and the upsampled prompt after, because an
+        upsampler can introduce content of its own."""
+        if (reason := self.check_prompt(prompt)) is not None:
+            return prompt, reason
+        upsampled = self.prepare_prompt(prompt)
+        if upsampled != prompt and (reason := self.check_prompt(upsampled)) is not None:
+            return upsampled, f"upsampled prompt: {reason}"
+        return upsampled, None
 
     def check_video(self, video: np.ndarray) -> str | None:
         """The first safety checker's refusal reason for the generated video, or None."""

@@ -5,7 +5,7 @@ tools/infer.py parses the command line and calls these phases in order:
     check_flags       mode, offload, placement, context parallel, compile, devices: no file read yet
     resolve_settings  the model's generation.json, overridden by the tokenizer and text flags
     load_annotators   the control annotator hooks
-    make_guardrails   the prompt blocklist, safety checkers, prompt upsampler (or none)
+    make_guardrails   the prompt blocklist and safety checkers (or none), the prompt upsampler
     checked_specs     every spec read and checked, refused by mode, the model's control branches,
                       videos that do not decode or the guardrails; an invalid batch raises
                       SpecError before any work, unless keep_going
@@ -179,12 +179,14 @@ def make_guardrails(
     safety_checker: list[str] | None = None,
     prompt_upsampler: str | None = None,
 ) -> Guardrails:
-    """The bundled (or `blocklist`) prompt word list plus the hooks given, or no guardrails."""
+    """The bundled (or `blocklist`) prompt word list plus the safety hooks given, or no checks
+    (`disable`); the prompt upsampler either way, since it rewrites prompts and checks nothing."""
+    upsampler = load_hook(prompt_upsampler) if prompt_upsampler else None
     if disable:
-        return Guardrails.disabled()
+        return Guardrails.disabled(upsampler)
     guard = Guardrails.default(blocklist_path=blocklist)
     guard.safety = [load_hook(h) for h in (safety_checker or [])]
-    guard.upsampler = load_hook(prompt_upsampler) if prompt_upsampler else None
+    guard.upsampler = upsampler
     return guard
 
 
@@ -226,7 +228,8 @@ def checked_specs(
 
 def refusals(specs: list[Spec], mode: str, guard: Guardrails) -> dict[str, str]:
     """Spec name -> why it cannot run: inputs the mode does not take, or a refused prompt (the
-    prompts are upsampled in place first). A spec with both reports its mode problem."""
+    user's prompt and the upsampled one that replaces it in place are both checked). A spec with
+    both reports its mode problem."""
     refused: dict[str, str] = {}
     for spec in specs:
         if mode != "transfer" and spec.controls:
@@ -236,8 +239,7 @@ def refusals(specs: list[Spec], mode: str, guard: Guardrails) -> dict[str, str]:
         if mode == "video2world" and spec.video_path is None:
             refused[spec.name] = "video2world needs video_path"
     for spec in specs:
-        spec.prompt = guard.prepare_prompt(spec.prompt)
-        reason = guard.check_prompt(spec.prompt)
+        spec.prompt, reason = guard.prompt(spec.prompt)  # the user's prompt and the upsampled one
         if reason:
             refused.setdefault(spec.name, reason)
     return refused

@@ -121,19 +121,92 @@ def test_dmd2_control_only_student_and_accumulation(tmp_path):
     )
 
 
-def test_dmd2_resume_gives_the_same_losses(tmp_path):
+def gan(features: str) -> GANSpec:
+    return GANSpec(weight=0.1, critic_weight=0.1, taps=(1,), hidden=32, features=features)
+
+
+@pytest.mark.parametrize("features", ["fake_score", "teacher"])
+def test_dmd2_resume_gives_the_same_losses(tmp_path, features):
     # epochs of 3 batches: the checkpoint at turn 3 is an epoch end (a plain DataLoader restarts
     # its epoch on resume), and turns 3..4 span a student turn (3) and a critic turn (4)
     full = Watch()
-    trainer(5, [full]).fit(dmd2(tmp_path / "a"), loader(3, 2))
+    trainer(5, [full]).fit(dmd2(tmp_path / "a", gan=gan(features)), loader(3, 2))
+    # the frozen teacher stays bitwise unchanged on every turn, whichever trunk the head reads;
+    # the head moves on critic turns only
+    assert [c["teacher"] for c in full.changes] == [False] * 5
+    assert [c["gan_head"] for c in full.changes] == [False, True, True, False, True]
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     first = Watch()
-    trainer(3, [first, ckpt], enable_checkpointing=True).fit(dmd2(tmp_path / "b"), loader(3, 2))
+    trainer(3, [first, ckpt], enable_checkpointing=True).fit(dmd2(tmp_path / "b", gan=gan(features)), loader(3, 2))
     path = next((tmp_path / "ckpt").glob("*step=3*"))
     rest = Watch()
-    trainer(5, [rest], default_root_dir=tmp_path).fit(dmd2(tmp_path / "b"), loader(3, 2), ckpt_path=path)
+    trainer(5, [rest], default_root_dir=tmp_path).fit(
+        dmd2(tmp_path / "b", gan=gan(features)), loader(3, 2), ckpt_path=path
+    )
     assert full.losses[:3] == first.losses
     torch.testing.assert_close(torch.tensor(rest.losses), torch.tensor(full.losses[3:]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("features", ["fake_score", "teacher"])
+def test_dmd2_gan_gradients_reach_the_head_and_the_trunk_it_reads(tmp_path, features):
+    """Through the stage's own turn inputs and discriminator: the generator's GAN loss reaches the
+    head and the student, plus the fake score when the head reads its trunk; on the teacher's
+    trunk nothing of the teacher is trained (its weights require no grad and get none). The
+    discriminator loss on a detached sample reaches the head (and the fake score it reads)."""
+    from modules import distill, flow
+
+    module = dmd2(tmp_path, gan=gan(features))
+    module.configure_model()
+    batch = next(iter(loader(1, 2)))
+    _, cond, d = module.turn_inputs(batch, turn=0, micro=0)
+    disc = module.disc_fn(cond)
+    nets = {n: list(getattr(module, n).parameters()) for n in ("student", "fake_score", "gan_head")}
+    assert all(p.requires_grad for ps in nets.values() for p in ps)
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+
+    def reached(loss: torch.Tensor) -> set[str]:
+        flat = [p for ps in nets.values() for p in ps]
+        grads = iter(torch.autograd.grad(loss, flat, allow_unused=True, retain_graph=True))
+        hit = {n: [g is not None and bool(g.abs().sum()) for g in (next(grads) for _ in ps)] for n, ps in nets.items()}
+        return {n for n, flags in hit.items() if any(flags)}
+
+    trunk = {"fake_score"} if features == "fake_score" else set()
+    x_gen = flow.add_noise(module.student_sample(cond, d["noise"], 0, 0), d["eps"], d["t"])
+    assert reached(distill.gan_generator_loss(disc(x_gen, d["t"])).mean()) == {"student", "gan_head"} | trunk
+    x_real = flow.add_noise(batch["latent"], d["eps_data"], d["t_data"])
+    critic = distill.gan_discriminator_loss(disc(x_real, d["t_data"]), disc(x_gen.detach(), d["t"])).mean()
+    assert reached(critic) == {"gan_head"} | trunk
+    # a whole student turn's backward leaves the teacher without gradients
+    module.turn_loss(batch, 0, 0, student=True)[0].mean().backward()
+    assert all(p.grad is None for p in module.teacher.parameters())
+
+
+def test_dmd2_weights_the_control_by_the_batch_mask(tmp_path):
+    """A batch `mask` (shards' mask.mp4) is the control's weight map for every network of a turn,
+    as mask_path is in inference: all ones is the unmasked turn exactly, all zeros the turn
+    without the control, half a mask neither."""
+    module = dmd2(tmp_path)
+    module.configure_model()
+    batch = next(iter(loader(1, 2)))
+    frames, size = 3, 16  # the pixel clip of LATENT (pixel tokenizer, spatial 4)
+    ones = torch.ones(2, 1, frames, size, size)
+    half = ones.clone()
+    half[..., size // 2 :] = 0
+
+    _, cond, _ = module.turn_inputs(batch | {"mask": half}, 0, 0)  # what teacher, student and fake score see
+    assert torch.equal(cond.control_weights["edge"], half)
+
+    def loss(b: dict) -> torch.Tensor:  # a critic turn: the student's sample and the fake score
+        return module.turn_loss(b, 0, 0, student=False)[0].detach()
+
+    plain = loss(batch)
+    assert torch.equal(loss(batch | {"mask": ones}), plain)
+    zero = loss(batch | {"mask": torch.zeros_like(ones)})
+    module.modality = None  # the same turn, the control branch left out
+    assert torch.equal(zero, loss(batch))
+    module.modality = "edge"
+    halved = loss(batch | {"mask": half})
+    assert not torch.equal(halved, plain) and not torch.equal(halved, zero)
 
 
 # --------------------------------------------------------------------------------------------

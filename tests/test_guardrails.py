@@ -119,3 +119,33 @@ def test_load_hook():
         load_hook("tests.test_guardrails:Missing")
     with pytest.raises(ValueError, match="package.module:ClassName"):
         load_hook("no_colon")
+
+
+class StubUpsampler:
+    """Rewrites "forbidden" away and appends a detail that is blocklisted when asked to ("gore")."""
+
+    def upsample(self, prompt):
+        detail = " with gore" if "gory" in prompt else " in warm evening light"
+        return prompt.replace("forbidden", "permitted") + detail
+
+
+def test_upsampler_works_without_guardrails_and_both_prompts_are_checked():
+    from modules.inference import make_guardrails
+
+    # --disable-guardrails keeps the upsampler: prompts are rewritten, nothing is checked
+    off = make_guardrails(True, prompt_upsampler="tests.test_guardrails:StubUpsampler")
+    assert isinstance(off.upsampler, StubUpsampler) and not off.enabled
+    assert off.prompt("a forbidden gory cat") == ("a permitted gory cat with gore", None)
+    assert make_guardrails(True).upsampler is None and make_guardrails(True).prompt("a cat") == ("a cat", None)
+
+    g = Guardrails(blocklist=PromptBlocklist(["forbidden", "gore"]), upsampler=StubUpsampler())
+    assert g.enabled
+    assert g.prompt("a cat") == ("a cat in warm evening light", None)
+    # the user's prompt is checked before the upsampler could rewrite the refused word away
+    prompt, reason = g.prompt("a forbidden cat")
+    assert prompt == "a forbidden cat" and "'forbidden'" in reason
+    # and the upsampled prompt after: here the upsampler brings in a listed word itself
+    prompt, reason = g.prompt("a gory cat")
+    assert prompt == "a gory cat with gore" and reason.startswith("upsampled prompt:") and "'gore'" in reason
+    on = make_guardrails(False, prompt_upsampler="tests.test_guardrails:StubUpsampler")
+    assert isinstance(on.upsampler, StubUpsampler) and on.blocklist is not None

@@ -457,3 +457,163 @@ def test_make_specs_turns_shard_clips_into_specs(tmp_path):
     specs, _ = load_specs(path)
     assert len(specs) == 2 and all(set(s.controls) == {"edge", "vis"} and s.num_steps == 4 for s in specs)
     assert specs[0].resolution == "32x48" and specs[0].max_frames == 4 and specs[0].video_path.is_file()
+
+
+def test_video2world_continues_from_several_conditioning_frames(model, clips, tmp_path):
+    """num_conditional_frames 2 (Transfer2.5's most): the output starts with the input's last
+    frames, kept exactly (the pixel tokenizer is lossless and conditioning frames' x0 is returned
+    as given), and continues with generated ones: 2 pixel frames for 2 latent frames, and 4 with
+    a tokenizer that packs 2 frames into each latent frame."""
+    two_frames = tmp_path / "t2"
+    cfg = preset("tiny", latent_channels=24)
+    cfg.control.channels, cfg.modalities = 24, ["edge"]
+    Denoiser.build(cfg, seed=0).save_pretrained(two_frames)
+    GenerationSettings(
+        tokenizer={"kind": "pixel", "path": None, "options": {"spatial": 2, "temporal": 2}},
+        text={"encoder": "tiny", "max_length": 16},
+        sampler=asdict(SamplerConfig(steps=2, guidance=0.0, shift=3.0)),
+    ).save(two_frames)
+    spec = {"name": "v2w", "prompt": "a square", "video_path": "input.mp4", "resolution": "32x48", "max_frames": 7}
+    spec |= {"num_video_frames_per_chunk": 8, "num_conditional_frames": 2, "num_steps": 2, "guidance": 0}
+    specs, _ = load_specs(_write(clips, json.dumps(spec)), require_control=False)
+    cpu = {c: torch.device("cpu") for c in ("text_encoder", "tokenizer", "dit")}
+    for net, pixels in ((model, 2), (str(two_frames), 4)):
+        settings = GenerationSettings.load(net)
+        job = Pipeline(build_sampler(net, settings), settings, cpu, mode="video2world").run(specs[0])
+        assert job.plan.cond_latents == 2 and job.plan.overlap == pixels and job.video.shape == (8, H, W, 3)
+        assert np.array_equal(job.video[:pixels], job.inputs.video[-pixels:])
+        assert not np.array_equal(job.video[pixels], job.inputs.video[-1])  # then new frames
+
+
+def test_offload_gives_the_same_video_and_parks_components_on_the_cpu(model, clips):
+    """--offload text_encoder,tokenizer,dit: the same video as without, and each component visits
+    its device only for its phase (and the tokenizer during the DiT's chunk round trips). On a
+    machine without a GPU the device is "cpu:0", which a module's `to` sees apart from the
+    offload target "cpu"; on a GPU the parameters' devices are checked too."""
+    gpu = torch.cuda.is_available()
+    dev = torch.device("cuda:0" if gpu else "cpu:0")
+    specs, _ = load_specs(long_spec(clips))  # 3 chunks chained through round trips
+    settings = GenerationSettings.load(model)
+    devices = dict.fromkeys(("text_encoder", "tokenizer", "dit"), dev)
+    plain = Pipeline(build_sampler(model, settings), settings, devices).run(specs[0]).video
+    pipe = Pipeline(build_sampler(model, settings), settings, devices, offload=tuple(devices))
+    where: dict[str, str] = {}
+    seen: list[tuple[str, dict]] = []
+    components = pipe._components()
+    for name, module in components.items():
+        where[name] = "cpu"  # the constructor parked it
+
+        def to(*args, _name=name, _to=module.to, **kw):
+            target = torch.device(args[0] if args else kw["device"])
+            where[_name] = "device" if target == dev else target.type
+            return _to(*args, **kw)
+
+        module.to = to
+
+    def watch(obj, method, phase):
+        original = getattr(obj, method)
+
+        def call(*args, **kw):
+            seen.append((phase, dict(where)))
+            return original(*args, **kw)
+
+        setattr(obj, method, call)
+
+    watch(components["text_encoder"], "encode", "text")
+    watch(components["tokenizer"], "encode", "tokenizer")
+    watch(components["tokenizer"], "decode", "tokenizer")
+    watch(components["dit"], "denoise", "dit")
+
+    def parked() -> bool:
+        on_cpu = all(v == "cpu" for v in where.values())
+        if gpu:  # the parameters themselves
+            on_cpu &= all(p.device.type == "cpu" for m in components.values() for p in m.parameters())
+        return on_cpu
+
+    job = pipe.prepare(specs[0])
+    assert parked()
+    pipe.denoise(job)
+    assert parked()
+    video = pipe.decode(job).video
+    assert parked()
+    assert np.array_equal(video, plain)
+    assert {phase for phase, _ in seen} == {"text", "tokenizer", "dit"}
+    for phase, state in seen:
+        busy = {"text": {"text_encoder"}, "tokenizer": {"tokenizer"}, "dit": {"dit"}}[phase]
+        if phase == "tokenizer" and state["dit"] == "device":
+            busy = {"tokenizer", "dit"}  # a round trip inside the DiT phase
+        assert {n for n, w in state.items() if w == "device"} == busy, (phase, state)
+
+
+def test_prompt_upsampler_runs_with_guardrails_disabled(model, clips, tmp_path):
+    spec = {"name": "up", "prompt": "a square", "video_path": "input.mp4", "resolution": "32x48", "max_frames": 2}
+    spec |= {"num_steps": 1, "guidance": 0, "edge": {}}
+    out = tmp_path / "out"
+    args = ["-i", _write(clips, json.dumps(spec)), "-o", out, "--model", model, "--disable-guardrails"]
+    assert run_infer(*args, "--prompt_upsampler", "tests.test_guardrails:StubUpsampler") == 0
+    assert (out / "up.txt").read_text().strip() == "a square in warm evening light"
+    info = json.loads((out / "up.json").read_text())
+    assert info["spec"]["prompt"] == "a square in warm evening light" and info["guardrails"] is False
+
+
+RECORD_PHASES = """
+import os, sys
+from modules import inference, pipeline
+
+rank, write, run = os.environ["RANK"], inference.write_outputs, pipeline.Pipeline.run
+
+def note(what, name):
+    with open(sys.argv[1], "a") as f:
+        f.write(f"{rank} {what} {name}\\n")
+
+def write_outputs(job, *args, **kw):
+    note("write", job.spec.name)
+    return write(job, *args, **kw)
+
+def run_spec(self, spec):
+    note("run", spec.name)
+    return run(self, spec)
+
+inference.write_outputs, pipeline.Pipeline.run = write_outputs, run_spec
+from tools.cli import main
+main(sys.argv[2:])
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_context_parallel_infer_equals_one_process_and_writes_once(model, clips, tmp_path):
+    """`infer --context-parallel 2` on 2 gloo processes: one group of 2 ranks, so both ranks run
+    every spec (each with half of the latent frames; 3 frames: padded) and only the group's first
+    rank writes. The videos equal the one-process run's up to 8-bit rounding of outputs that agree
+    to 1e-5 (tests/test_context_parallel.py's network tolerance)."""
+    spec = {"prompt": "a red square slides over a grey floor", "video_path": "input.mp4", "resolution": "32x48"}
+    spec |= {"num_steps": 2, "guidance": 1, "edge": {"mask_path": "mask.mp4"}, "vis": {"control_weight": 0.5}}
+    lines = [dict(spec, name=f"cp{n}", max_frames=n, seed=n) for n in (4, 3)]
+    batch = _write(clips, "\n".join(json.dumps(s) for s in lines), "batch.jsonl")
+    common = ["-i", str(batch), "--model", model, "--disable-guardrails", "--lossless", "true", "--device", "cpu"]
+    assert run_infer(*common, "-o", tmp_path / "one") == 0
+    log, port = tmp_path / "phases.log", str(free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+        env |= {"MASTER_PORT": port, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-c", RECORD_PHASES, str(log), "infer", *common, "-o", str(tmp_path / "cp")]
+        cmd += ["--context-parallel", "2"]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    assert "2 of 2 spec(s) generated" in errs[0]
+    events = sorted(log.read_text().split("\n")[:-1])
+    assert events == ["0 run cp3", "0 run cp4", "0 write cp3", "0 write cp4", "1 run cp3", "1 run cp4"]
+    for name in ("cp4", "cp3"):
+        assert json.loads((tmp_path / "cp" / f"{name}.json").read_text())["rank"] == 0
+        one, two = (decode_video((tmp_path / d / f"{name}.mkv").read_bytes())[0].astype(int) for d in ("one", "cp"))
+        assert one.shape == two.shape and np.abs(one - two).max() <= 1, name
+    assert sorted(p.name for p in (tmp_path / "cp").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

@@ -265,6 +265,81 @@ def test_transfer1_kd_conversion(tmp_path):
     assert index["total"] == 2 and index["skipped"] == {"no t5_xxl or noise pickle": 1}
 
 
+def transfer1_folder(src, samples: int, frames: int, size: int, latent: tuple[int, ...], text_dim: int) -> None:
+    """A Cosmos-Transfer1 KD folder: teacher videos, their edge videos, T5 pickles and noise pickles."""
+    from datamodules.controls import compute_control
+
+    rng = np.random.default_rng(0)
+    for d in ("videos", "t5_xxl", "noise", "edge"):
+        (src / d).mkdir(parents=True)
+    for i in range(samples):
+        video, caption = synthetic_clip(random.Random(i), frames, size, size, ("plain",))
+        (src / "videos" / f"ex{i}.mp4").write_bytes(encode_video(video, 8.0))
+        (src / "videos" / f"ex{i}.txt").write_text(caption)
+        (src / "edge" / f"ex{i}.mp4").write_bytes(encode_video(compute_control("edge", video), 8.0))
+        emb = rng.standard_normal((5 + i % 3, text_dim)).astype(np.float32)
+        (src / "t5_xxl" / f"ex{i}.pickle").write_bytes(pickle.dumps([emb]))
+        (src / "noise" / f"ex{i}.pickle").write_bytes(pickle.dumps(rng.standard_normal(latent).astype(np.float32)))
+
+
+def test_transfer1_kd_shards_train_a_one_step_kd_warmup_through_fit(tmp_path):
+    """Converted Cosmos-Transfer1 KD data feeds KDWarmup: make-shards --transfer1_kd, then
+    `vidistill fit` of a 1-step KD recipe. The shards hold the noise and the teacher's decoded
+    video, no x0: the stage encodes the video with the recipe's tokenizer as the target, and the
+    first recorded loss is 0.5 MSE(student(noise at t = 1), tokenizer(teacher video))."""
+    from datamodules.video import VideoDataModule
+    from modules.denoiser import Cond
+    from modules.parallel import ShardingConfig
+    from modules.sampling import to_unit
+    from modules.stages.base import NetSpec, StageOptions, TextSpec, TokenizerSpec
+    from modules.stages.kd_warmup import KDWarmup
+    from modules.tokenizer import build_tokenizer
+    from tests.helpers.faults import read_record
+    from tests.helpers.reliability import FRAMES, PIXEL, SIZE, fit, output, recipe, teacher
+
+    latent = (12, FRAMES, SIZE // 2, SIZE // 2)  # the pixel tokenizer (spatial 2) of a 4-frame 16x16 clip
+    transfer1_folder(tmp_path / "t1", 6, FRAMES, SIZE, latent, text_dim=32)
+    make_shards(str(tmp_path / "t1"), str(tmp_path / "kd"), samples_per_shard=3, transfer1_kd=True, progress=False)
+    net = teacher(tmp_path / "teacher")
+    cfg = recipe("kd", tmp_path / "run", str(tmp_path / "kd"), net, steps=3, every=3, model={"t_list": [1.0]})
+    proc = fit(cfg)
+    assert proc.returncode == 0, output(proc)
+    rows = read_record(str(tmp_path / "run" / "losses.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+    # the first step again, in this process: the datamodule's first batch through the stage
+    dm = VideoDataModule(
+        str(tmp_path / "kd"), batch_size=2, num_workers=0, num_frames=FRAMES, height=SIZE, width=SIZE,
+        modality="edge", use_kd=True, use_text_embeddings=True, batches_per_epoch=3, seed=0,
+    )  # fmt: skip
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert "latent" not in batch and batch["video"].shape == (2, 3, FRAMES, SIZE, SIZE)
+    options = StageOptions(
+        tokenizer=TokenizerSpec(kind="pixel", options=PIXEL["options"]),
+        text=TextSpec(encoder="none"),
+        sharding=ShardingConfig(param_dtype="float32", checkpointing="none"),
+    )
+    stage = KDWarmup(NetSpec(init_from=net), t_list=(1.0,), options=options)
+    stage.configure_model()
+    with torch.no_grad():
+        loss = float(stage.loss(batch, step=0))
+        tok = build_tokenizer("pixel", **PIXEL["options"])
+        cond = Cond(
+            text=batch["text_emb"],
+            text_mask=batch["text_mask"],
+            controls={"edge": tok.encode(to_unit(batch["control"]))},
+            fps=float(batch["fps"][0]),
+        )
+        x0 = stage.model.denoise(batch["kd_noise"], torch.ones(2), cond)
+        by_hand = float(0.5 * (x0 - tok.encode(to_unit(batch["video"]))).square().mean())
+        assert loss == pytest.approx(by_hand, rel=1e-6) and loss == pytest.approx(rows[0]["loss"], rel=1e-5)
+        # noise of another teacher's latent space is named, not broadcast
+        with pytest.raises(ValueError, match="KD noise is"):
+            stage.loss(dict(batch, kd_noise=batch["kd_noise"][:, :, :2]), step=0)
+
+
 def test_cli_make_shards(tmp_path, capsys):
     out = tmp_path / "cli"
     main(

@@ -121,3 +121,31 @@ def test_ema_equals_its_formula():
     expected = d**n * values[0] + sum((1 - d) * d ** (n - k) * values[k] for k in range(1, n + 1))
     torch.testing.assert_close(ema.state_for(net)["weight"], expected)
     assert torch.equal(ema.state_for(net)["bias"], net.bias)
+
+
+def test_control_training_weights_the_control_by_the_batch_mask():
+    """A batch `mask` (shards' mask.mp4) weights the trained control as mask_path does in
+    inference: all ones is the unmasked loss exactly, all zeros the loss without the control."""
+    module = ControlTraining(
+        net=NetSpec("tiny"),
+        modality="edge",
+        options=StageOptions(
+            text=TextSpec(encoder="none"), sharding=ShardingConfig(param_dtype="none", checkpointing="none")
+        ),
+    )
+    module.configure_model()
+    with torch.no_grad():  # a branch that does something (zero-initialised it adds nothing)
+        module.model.controls["edge"].after_proj[0].weight.normal_(0, 0.05)
+    batch = {k: torch.stack([sample(i)[k] for i in range(2)]) for k in sample(0)}
+    ones = torch.ones(2, 1, 3, 16, 16)  # the pixel clip of the latents (pixel tokenizer, spatial 4)
+    half = ones.clone()
+    half[..., 8:] = 0
+    with torch.no_grad():
+        plain = module.loss(batch, step=0)
+        assert torch.equal(module.loss(batch | {"mask": ones}, step=0), plain)
+        zero = module.loss(batch | {"mask": torch.zeros_like(ones)}, step=0)
+        module.modality = None  # the same draws, no control
+        assert torch.equal(zero, module.loss(batch, step=0))
+        module.modality = "edge"
+        halved = module.loss(batch | {"mask": half}, step=0)
+        assert not torch.equal(halved, plain) and not torch.equal(halved, zero)

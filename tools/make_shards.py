@@ -198,7 +198,8 @@ def _transfer1(src: Path, out: str, samples_per_shard: int, prefix: str, resume:
         raise ValueError(f"{src} is not a Cosmos-Transfer1 KD folder: no videos/*.mp4 in it")
     print(
         "Cosmos-Transfer1 KD data holds the input noise and the teacher's output video but no "
-        "intermediate teacher states: these shards support 1-step KD only (noise -> video)."
+        "intermediate teacher states: these shards support 1-step KD only (noise -> video; KDWarmup "
+        "with t_list [1.0] encodes the video with the recipe's tokenizer, the one the noise was drawn in)."
     )
     by_key, missing = _transfer1_complete(src, videos)
     config = {"mode": "transfer1", "src": str(src.resolve())}
@@ -386,8 +387,11 @@ def make_shards(
     ``videos/<stem>.txt`` or ``metas/<stem>.txt``, else "". The embeddings go to
     ``text.safetensors`` (zero-padded to 512 tokens, mask marking the real ones) and the noise
     to ``kd.safetensors`` ("noise" only). That layout holds no intermediate teacher states, so
-    these shards support 1-step KD only (json ``teacher_states: false``). Pickles are read with
-    ``pickle.load``, which can run code: convert trusted data only.
+    these shards support 1-step KD only (json ``teacher_states: false``), and no clean latent:
+    KDWarmup (``t_list: [1.0]``, ``use_kd``) encodes the teacher's video with the recipe's
+    tokenizer, which must be the one the noise was drawn in (Transfer1's Cosmos tokenizer,
+    ``cosmos-jit``), at the videos' frame count and size. Pickles are read with ``pickle.load``,
+    which can run code: convert trusted data only.
 
     Args:
         src: folder of videos (or the KD folder with --transfer1_kd); not used with --synthetic.

@@ -123,9 +123,17 @@ class ControlTraining(Stage):
         if train:
             text, mask = drop_text(text, mask, drop)
         controls = {self.modality: self.latents(batch, "control")} if self.modality else {}
+        # a shard's mask.mp4 (white = control applies) weights the control, as mask_path does in inference
+        weights = {self.modality: batch["mask"].float()} if self.modality and "mask" in batch else {}
         x_t = flow.add_noise(x0, eps, t)
         cond = Cond(
-            text=text, text_mask=mask, controls=controls, cond_latents=x0, cond_frames=frames, fps=self.fps(batch)
+            text=text,
+            text_mask=mask,
+            controls=controls,
+            control_weights=weights,
+            cond_latents=x0,
+            cond_frames=frames,
+            fps=self.fps(batch),
         )
         x0_pred = self.model.denoise(x_t, t, cond)
         keep = (~frames)[:, None, :, None, None]

@@ -214,16 +214,28 @@ class DMD2(Stage):
         return self.student.denoise(x_t, t, cond)
 
     def disc_fn(self, cond: Cond):
+        """logits(x_t, t): the GAN head on the trunk features `gan.features` names.
+
+        On the fake score (DMD2, Yin et al. 2024, Sec. 4.2) the discriminator loss also trains
+        the fake score's trunk; on the frozen teacher (Cosmos-Transfer1's choice) the head alone
+        learns, and the generator loss reaches the student through the teacher's activations
+        while the teacher's weights, which require no grad, get none."""
         if self.gan_head is None:
             return None
         trunk = self.fake_score if self.gan.features == "fake_score" else self.teacher
         return lambda x, t: self.gan_head(trunk.features(x, t, cond, tuple(sorted(set(self.gan.taps)))))
 
-    def turn_loss(self, batch: dict, turn: int, micro: int, student: bool) -> tuple[torch.Tensor, dict]:
+    def turn_inputs(self, batch: dict, turn: int, micro: int) -> tuple[torch.Tensor, Cond, dict[str, torch.Tensor]]:
+        """The real latents, the conditioning every network of the turn sees and the turn's draws.
+
+        A batch `mask` (shards' mask.mp4, white = control applies) weights the control where it is
+        given, as a spec's mask_path does in inference (`control_weights`, pooled to the token
+        grid by `mix_residuals`); without one the control applies everywhere, as before."""
         x0_data = self.latents(batch, "video")
         text, mask = self.text(batch)
         neg, neg_mask = self.negative(text, mask)
         controls = {self.modality: self.latents(batch, "control")} if self.modality else {}
+        weights = {self.modality: batch["mask"].float()} if self.modality and "mask" in batch else {}
         d = self.draws(x0_data, turn, micro)
         frames = d["frames"] if self.max_cond_frames else None
         cond = Cond(
@@ -232,10 +244,16 @@ class DMD2(Stage):
             neg_text=neg,
             neg_text_mask=neg_mask,
             controls=controls,
+            control_weights=weights,
             cond_latents=x0_data if frames is not None else None,
             cond_frames=frames,
             fps=self.fps(batch),
         )
+        return x0_data, cond, d
+
+    def turn_loss(self, batch: dict, turn: int, micro: int, student: bool) -> tuple[torch.Tensor, dict]:
+        x0_data, cond, d = self.turn_inputs(batch, turn, micro)
+        frames = cond.cond_frames
         keep = None if frames is None else (~frames)[:, None, :, None, None]
         if student:
             x0_gen = self.student_sample(cond, d["noise"], turn, micro)

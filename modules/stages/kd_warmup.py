@@ -4,6 +4,8 @@ The student starts as a copy of the teacher (base + control branch). From KD sha
 (`vidistill make-kd-data`) it regresses the teacher's clean latent x0 from a saved state: for a
 1-step student from the pure noise at t = 1, for a multi-step student from the teacher's state at
 a t_k of its t-list drawn per sample (Cosmos-Transfer1's KD warmup; DMD2 then refines it).
+Converted Cosmos-Transfer1 KD shards hold the noise and the teacher's decoded video, no x0: the
+video is encoded on the fly by the recipe's tokenizer (`KDWarmup.target`).
 """
 
 from __future__ import annotations
@@ -91,11 +93,26 @@ class KDWarmup(Stage):
         """0.5 * MSE(student x0 from the saved state, teacher x0), averaged over the batch;
         `micro` is the accumulation micro-batch of the optimizer step (Stage.sample_index)."""
         x_t, t = self.inputs(batch, step, micro)
+        x0_teacher = self.target(batch, x_t)  # checked against the noise before any network work
         text, mask = self.text(batch)
         controls = {self.modality: self.latents(batch, "control")} if self.modality else {}
         cond = Cond(text=text, text_mask=mask, controls=controls, fps=self.fps(batch))
         x0 = self.model.denoise(x_t, t, cond)
-        return kd_loss(x0, batch["latent"].float()).mean()
+        return kd_loss(x0, x0_teacher).mean()
+
+    def target(self, batch: dict, x_t: torch.Tensor) -> torch.Tensor:
+        """The teacher's clean latent: make-kd-data's x0 (`latent`), or the teacher's video encoded
+        now by the recipe's tokenizer, for KD data that holds the noise and the decoded video only
+        (converted Cosmos-Transfer1 shards, `make-shards --transfer1_kd`). The noise was drawn in
+        its teacher's latent space, so the tokenizer must give latents of the noise's shape."""
+        x0 = self.latents(batch, "video")
+        if x0.shape != x_t.shape:
+            raise ValueError(
+                f"the KD noise is {tuple(x_t.shape[1:])} (C, T, H, W) and the teacher's video encodes to "
+                f"{tuple(x0.shape[1:])} with tokenizer {self.tok_spec.kind!r}: use the tokenizer "
+                "the KD data's teacher sampled in, and num_frames / height / width of its videos"
+            )
+        return x0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.log("val/loss", self.loss(batch, step=-1 - batch_idx), prog_bar=True, sync_dist=True)
