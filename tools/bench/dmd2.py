@@ -50,7 +50,7 @@ from tools.bench.common import (
     stage_batch,
 )
 from tools.bench.control import Ours, measure
-from tools.bench.dmd2_stage import Turns, networks
+from tools.bench.dmd2_stage import Turns, dynamo_graphs, networks
 
 ENTRIES = ("control step", "student turn", "critic turn")
 
@@ -72,6 +72,8 @@ def bench_dmd2(opts: Options, student_trainable: str = "all") -> list[dict]:
     # control steps first and their network freed: a turn's peak memory then holds DMD2 alone
     control, control_params = measure_control_steps(opts, cfg, plan, dev, dt)
     turns = Turns.build(opts.preset, dev, dt, runs[0].checkpointing, runs[0].compile, student_trainable)
+    if len(plan) > 1:
+        turns.keep_initial()  # every configuration's turns start from the same weights: losses compare
     print(json.dumps(dmd2_header(opts, cfg, dev, turns, student_trainable, control_params)), flush=True)
     rows = []
     for v, shape, grid in plan:
@@ -131,7 +133,12 @@ def measure_turns(
     turns: Turns, cfg, v: Variant, shape: str, grid: Grid, ctrl: dict, dev: torch.device, dt: torch.dtype, steps: int
 ) -> list[dict]:
     """The rows of one configuration and shape: the control step (measured before), then a
-    student and a critic turn on the control step's inputs."""
+    student and a critic turn on the control step's inputs, each with the losses of its runs
+    (warm-up first; every configuration starts from the same weights and draws the same noise, so
+    they compare across configurations) and the graphs Dynamo compiled meanwhile. With compiled
+    blocks, one more student and critic turn then shows whether alternating turns recompile."""
+    turns.reset()
+    torch.manual_seed(0)
     for net in networks(turns.stage):
         set_checkpointing(net, v.checkpointing)
         set_compile(net, v.compile)
@@ -152,8 +159,18 @@ def measure_turns(
     print(json.dumps(rows[-1]), flush=True)
     for entry, student in (("student turn", True), ("critic turn", False)):
         row = dict(common, entry=entry, exit_step=len(turns.stage.times) - 1)
+        graphs = dynamo_graphs()
         rows.append(row | turn_figures(turns, batch, student, ctrl["seconds"], steps, dev))
+        rows[-1].update(losses=[float(x) for x in turns.losses], new_graphs=dynamo_graphs() - graphs)
         print(json.dumps(rows[-1]), flush=True)
+        free(dev)
+    if v.compile and not any(r["error"] for r in rows[1:]):
+        graphs = dynamo_graphs()
+        turns.losses = []
+        turns.step(batch, True)
+        turns.step(batch, False)
+        check = dict(common, entry="alternating turns", new_graphs=dynamo_graphs() - graphs)
+        print(json.dumps(check | dict(losses=[float(x) for x in turns.losses])), flush=True)
         free(dev)
     return rows
 

@@ -9,6 +9,7 @@ and logging. Each turn is run at its costliest exit step (`full_simulation_turns
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 
@@ -134,8 +135,9 @@ def prime_optimizers(optimizers) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def turn_step(stage: DMD2, optimizers, schedulers, batch: dict, turn: int, student: bool) -> None:
-    """DMD2.training_step for one turn of one micro-batch, without the Trainer's plumbing."""
+def turn_step(stage: DMD2, optimizers, schedulers, batch: dict, turn: int, student: bool) -> torch.Tensor:
+    """DMD2.training_step for one turn of one micro-batch, without the Trainer's plumbing; returns
+    the turn's loss (detached, not synchronised)."""
     i = 0 if student else 1
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -146,6 +148,14 @@ def turn_step(stage: DMD2, optimizers, schedulers, batch: dict, turn: int, stude
         torch.nn.utils.clip_grad_norm_(params, stage.gradient_clip)  # what Lightning's clip_gradients calls
     optimizers[i].step()
     schedulers[i].step()
+    return loss.detach().mean()
+
+
+def dynamo_graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 @dataclasses.dataclass
@@ -159,6 +169,10 @@ class Turns:
     schedulers: list
     numbers: dict[bool, int]
     """{is_student_turn: turn number} (full_simulation_turns)."""
+    losses: list = dataclasses.field(default_factory=list)
+    """The loss of every turn run since the last `measure` began (detached tensors)."""
+    initial: dict | None = None
+    """Trained parameters, optimizer and scheduler states kept by `keep_initial`."""
 
     @classmethod
     def build(cls, preset, device, dtype, checkpointing, compile, student_trainable, mesh=None) -> Turns:
@@ -168,11 +182,38 @@ class Turns:
         return cls(stage, optimizers, schedulers, full_simulation_turns(stage))
 
     def step(self, batch: dict, student: bool) -> None:
-        turn_step(self.stage, self.optimizers, self.schedulers, batch, self.numbers[student], student)
+        loss = turn_step(self.stage, self.optimizers, self.schedulers, batch, self.numbers[student], student)
+        self.losses.append(loss)
+
+    def trained(self) -> list[torch.Tensor]:
+        return [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
+
+    def keep_initial(self) -> None:
+        """Keep a copy of the trained parameters and the optimizer and scheduler states, so that
+        `reset` starts every configuration from the same weights (same-seed losses compare)."""
+        self.initial = dict(
+            params=[p.detach().clone() for p in self.trained()],
+            optimizers=[copy.deepcopy(opt.state_dict()) for opt in self.optimizers],
+            schedulers=[copy.deepcopy(s.state_dict()) for s in self.schedulers],
+        )
+
+    def reset(self) -> None:
+        """Back to the state `keep_initial` kept (nothing to do without one)."""
+        if self.initial is None:
+            return
+        with torch.no_grad():
+            for p, kept in zip(self.trained(), self.initial["params"], strict=True):
+                p.copy_(kept)
+        for opt, kept in zip(self.optimizers, self.initial["optimizers"], strict=True):
+            opt.load_state_dict(copy.deepcopy(kept))  # load_state_dict keeps same-device tensors as they are
+        for sched, kept in zip(self.schedulers, self.initial["schedulers"], strict=True):
+            sched.load_state_dict(copy.deepcopy(kept))
 
     def measure(self, batch: dict, student: bool, steps: int, device: torch.device) -> tuple[float, float | None]:
         """Median seconds and peak GiB of one kind of turn. Out of GPU memory: the gradients are
-        dropped (the next measurement starts clean) and the error raised."""
+        dropped (the next measurement starts clean) and the error raised. The losses of the
+        warm-up and timed runs are left in `losses`."""
+        self.losses = []
         try:
             return timed_peak(functools.partial(self.step, batch, student), steps, device)
         except torch.OutOfMemoryError:
