@@ -156,7 +156,7 @@ def write_report(out: Path) -> Path:
     rows = comparison_videos(out, specs[:4])
     stages = "".join(f"<tr><td>{html.escape(k)}</td><td>{v / 60:.1f} min</td></tr>" for k, v in state["stages"].items())
     charts = "".join(
-        line_chart(stage, scalars(out / RUNS / stage)) for stage in TRAINED if (out / RUNS / stage).is_dir()
+        line_chart(stage, scalars(out / RUNS / stage)) for stage in TRAINED if (out / RUNS / stage / "tb").is_dir()
     )
     videos = "".join(
         f"<figure><figcaption>{html.escape(name)}: “{html.escape(prompt)}”</figcaption>"
