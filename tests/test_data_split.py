@@ -21,6 +21,7 @@ from datamodules.codec import encode_video
 from datamodules.sample import SampleLoader
 from datamodules.shards import PROBE_CACHE_ENV, Split
 from datamodules.video import VideoDataModule
+from tests.test_datamodule import keys, stream
 
 T, H, W, FPS = 4, 32, 48, 8.0
 BROKEN = ("truncated", "tiny", "short", "nocaption", "notvideo")
@@ -104,21 +105,6 @@ def make_dm(shards, **kw) -> VideoDataModule:
     dm = VideoDataModule(shards, **args)
     dm.setup("fit")
     return dm
-
-
-def stream(dm, epoch=None, limit=None) -> list[dict]:
-    if epoch is not None:
-        dm.set_epoch(epoch)
-    out = []
-    for batch in dm.train_dataloader():
-        out.append(dm.on_after_batch_transfer(batch, 0))
-        if limit is not None and len(out) == limit:
-            break
-    return out
-
-
-def keys(batches) -> list[str]:
-    return [k for b in batches for k in b["key"]]
 
 
 # --------------------------------------------------------------------------------------------
