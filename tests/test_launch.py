@@ -26,6 +26,10 @@ from tests.helpers.reliability import recipe, video_shards
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(sysconfig.get_path("scripts"))  # the console scripts (vidistill, fabric) as installed
 STEPS, EVERY, KILL = 6, 2, 3
+TIMEOUT = 90  # seconds a collective waits: a rank stuck on a dead or diverged peer fails with a traceback
+STRATEGY = {
+    "strategy": {"class_path": "trainers.strategy.FSDP2Strategy", "init_args": {"collective_timeout_s": TIMEOUT}}
+}
 
 
 def free_port() -> int:
@@ -48,14 +52,52 @@ def start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     )
 
 
-def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> None:
-    for p, log in zip(procs, logs):
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (torchrun starts its workers in sessions of their own, so
+    killing the launcher's process group leaves them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            rc = p.wait(timeout)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL each launcher with every process it started."""
+    for p in procs:
+        for pid in [p.pid, *descendants(p.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
+
+
+def tails(logs: list[Path], chars: int = 3000) -> str:
+    return "\n".join(f"--- {log.name} (end) ---\n{log.read_text()[-chars:]}" for log in logs)
+
+
+def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> None:
+    """Wait for every launcher to exit with status 0; on a failure or after `timeout` seconds,
+    kill them all and fail with the end of every log."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            rc = p.wait(max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            raise
-        assert rc == 0, log.read_text()[-6000:]
+            kill_all(procs)
+            pytest.fail(f"still running after {timeout:.0f} s:\n{tails(logs)}")
+        if rc != 0:
+            kill_all(procs)
+            pytest.fail(f"a launcher exited with status {rc}:\n{tails(logs)}")
 
 
 def fabric(*options: str) -> list[str]:
@@ -82,7 +124,7 @@ def shards(tmp_path_factory) -> str:
 
 def test_two_nodes_killed_and_resumed_equal_one_node(shards, tmp_path):
     # the reference: one node, two processes, through `fabric run` (which starts them with torchrun)
-    one = recipe("control", tmp_path / "one", shards, steps=STEPS, every=EVERY, devices=2)
+    one = recipe("control", tmp_path / "one", shards, steps=STEPS, every=EVERY, devices=2, trainer=STRATEGY)
     log = tmp_path / "one.log"
     finish([start([*fabric("--devices", "2"), "fit", "--config", str(one)], log, environment())], [log])
     text = log.read_text()
@@ -92,7 +134,7 @@ def test_two_nodes_killed_and_resumed_equal_one_node(shards, tmp_path):
     assert [sorted(r) for r in reference] == [list(range(1, STEPS + 1))] * 2
 
     # two nodes of one process each through recipes/launch/torchrun.sh; node 1 dies after step 3
-    two = recipe("control", tmp_path / "two", shards, steps=STEPS, every=EVERY)
+    two = recipe("control", tmp_path / "two", shards, steps=STEPS, every=EVERY, trainer=STRATEGY)
     port = str(free_port())
     nodes, logs = [], [tmp_path / f"node{r}.log" for r in (0, 1)]
     for r in (0, 1):
@@ -100,12 +142,17 @@ def test_two_nodes_killed_and_resumed_equal_one_node(shards, tmp_path):
         if r == 1:
             env["VIDISTILL_KILL_AT_STEP"] = str(KILL)
         nodes.append(start(["bash", "recipes/launch/torchrun.sh", str(two)], logs[r], env))
-    assert nodes[1].wait(300) != 0, logs[1].read_text()[-4000:]
+    try:
+        assert nodes[1].wait(300) != 0, tails(logs)
+    except subprocess.TimeoutExpired:
+        kill_all(nodes)
+        pytest.fail(f"node 1 was not killed within 300 s:\n{tails(logs)}")
     assert f"FAULT: SIGKILL before step {KILL + 1}" in logs[1].read_text()
-    time.sleep(1)
-    if nodes[0].poll() is None:  # blocked in a collective with the dead node: the job is torn down
-        os.killpg(nodes[0].pid, signal.SIGKILL)
-    nodes[0].wait(60)
+    try:  # node 0's next collective fails on the closed connection (or times out)
+        nodes[0].wait(2 * TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_all(nodes)  # its worker too, should it still be there: nothing of this run may outlive it
     killed = by_rank(tmp_path / "two")
     assert [sorted(r) for r in killed] == [list(range(1, KILL + 1))] * 2
 

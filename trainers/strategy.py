@@ -16,6 +16,8 @@ already reads the data_parallel dimension.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from modules.parallel import context_mesh
@@ -29,6 +31,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         context_parallel_size: int = 1,
+        collective_timeout_s: float | None = None,
     ):
         """
         Args:
@@ -39,6 +42,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             context_parallel_size: ranks that split one sample's tokens (sequence) between them
                 (1: off). Must divide the world size and the networks' attention heads (16 for
                 2b); consecutive ranks form a group, so keep it within a node (NVLink).
+            collective_timeout_s: seconds a collective may wait for the other ranks before it
+                fails with an error instead of hanging (None: torch's default, 30 minutes).
         """
         if context_parallel_size < 1:
             raise ValueError(f"context_parallel_size must be >= 1, got {context_parallel_size}")
@@ -47,6 +52,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             tensor_parallel_size=tensor_parallel_size,
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
+            **({} if collective_timeout_s is None else {"timeout": timedelta(seconds=collective_timeout_s)}),
         )
         self._requested_dp = data_parallel_size
         self.context_parallel_size = context_parallel_size
