@@ -134,16 +134,29 @@ def main(argv: list[str] | None = None) -> None:
             from trainers.cli import main as lightning_main
 
             lightning_main(None if from_shell else argv)
-            return
-        argv = _gather(_cosmos_flags(argv))
-        # load only the chosen subcommand; the others stay unimported (help lists them all)
-        chosen = {command: _load(COMMANDS[command])} if command else {"fit": fit, "validate": validate}
-        chosen.update({} if command else {name: _load(target) for name, target in COMMANDS.items()})
-        CLI(chosen, args=argv, prog="vidistill")
+        else:
+            argv = _gather(_cosmos_flags(argv))
+            # load only the chosen subcommand; the others stay unimported (help lists them all)
+            chosen = {command: _load(COMMANDS[command])} if command else {"fit": fit, "validate": validate}
+            chosen.update({} if command else {name: _load(target) for name, target in COMMANDS.items()})
+            CLI(chosen, args=argv, prog="vidistill")
     except USER_ERRORS as err:
         if os.environ.get("VIDISTILL_DEBUG"):
             raise
         _fail(command, err)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """After a command that succeeded on every rank: destroy the process group while Python is
+    still whole. Left to interpreter exit, gloo's worker threads abort some processes (SIGABRT,
+    "terminate called without an active exception"), which torchrun reports as a failed node while
+    the other nodes wait in its exit barrier. Not after an error: a rank still inside a
+    collective would never let the others' destroy return."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
