@@ -8,6 +8,7 @@ command line and `--help`. Modules are imported only when their subcommand runs,
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -144,19 +145,28 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("VIDISTILL_DEBUG"):
             raise
         _fail(command, err)
-    _leave_process_group()
+    _leave_process_group(exit_now=from_shell)
 
 
-def _leave_process_group() -> None:
-    """After a command that succeeded on every rank: destroy the process group while Python is
-    still whole. Left to interpreter exit, gloo's worker threads abort some processes (SIGABRT,
-    "terminate called without an active exception"), which torchrun reports as a failed node while
-    the other nodes wait in its exit barrier. Not after an error: a rank still inside a
-    collective would never let the others' destroy return."""
+def _leave_process_group(exit_now: bool) -> None:
+    """After a command that succeeded on every rank: destroy the process group, and (`exit_now`,
+    a process started from a shell) exit at once with status 0. Left to interpreter exit, c10d and
+    gloo teardown aborts a rank now and then (SIGABRT, "terminate called without an active
+    exception"; seen about once in ten two-node runs here even with the group destroyed), which
+    torchrun reports as a failed node while the other nodes wait 300 s in its exit barrier.
+    Everything a run writes is closed by then (checkpoints, export, Lightning's loggers); output
+    streams and logging are flushed first. Not after an error: a rank still inside a collective
+    would never let the others' destroy return."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    if exit_now:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
