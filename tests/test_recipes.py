@@ -87,3 +87,27 @@ def test_upgrade_argv_leaves_current_spellings_alone(tmp_path):
         "--model.init_args.net.preset",
         "tiny",
     ]
+
+
+def test_null_reaches_a_nested_option_as_none(capsys):
+    # jsonargparse alone turns this null into the string "None" (a folder named None)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                "recipes/quickstart/blur.yaml",
+                "--model.init_args.options.export_to",
+                "null",
+                "--model.options.text.max_length=null",
+                "--print_config",
+            ]
+        )
+    options = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["options"]
+    assert options["export_to"] is None and options["text"]["max_length"] is None
+    assert options["text"]["encoder"] == "tiny" and options["tokenizer"]["kind"] == "pixel"  # the rest kept
+    assert upgrade_argv(["fit", "--data.init_args.val_shards", "null"]) == [
+        "fit",
+        "--data.init_args.val_shards",
+        "null",
+    ]

@@ -11,6 +11,7 @@ not there. tools/cli.py prints what is raised here in one line.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
 
@@ -253,9 +254,33 @@ def upgrade_argv(argv: list[str]) -> list[str]:
             if key in OPTIONS:
                 arg = prefix + "options." + arg[len(prefix) :]
                 break
+        flag, eq, value = arg.partition("=")
+        if (value if eq else argv[i + 1] if i + 1 < len(argv) else None) == "null":
+            nested = null_as_object(flag)
+            if nested is not None:
+                out += nested
+                i += 1 if eq else 2
+                continue
         out.append(arg)
         i += 1
     return out
+
+
+def null_as_object(flag: str) -> list[str] | None:
+    """`--model.init_args.options.export_to null` as `--model.init_args.options '{"export_to":
+    null}'`. jsonargparse turns a null given to a field of a dataclass inside a class's init
+    arguments into the string "None" (or refuses it for an int); given as an object, the null
+    stays None and merges into the rest of the argument. None: not such a flag."""
+    for root in ("--model.", "--data."):
+        if flag.startswith(root):
+            path = flag[len(root) :].removeprefix("init_args.").split(".")
+            if len(path) < 2:
+                return None
+            value = None
+            for key in reversed(path[1:]):
+                value = {key: value}
+            return [f"{root}init_args.{path[0]}", json.dumps(value)]
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
