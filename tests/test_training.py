@@ -81,7 +81,8 @@ def test_resume_gives_the_same_losses(tmp_path):
     assert resumed["losses"] == pytest.approx(full[2:], abs=1e-6)
 
 
-def test_zero_initialised_control_starts_at_the_base_loss():
+def tiny_edge_stage() -> ControlTraining:
+    """The tiny edge ControlTraining, built in this process (no Trainer, fp32, precomputed text)."""
     module = ControlTraining(
         net=NetSpec("tiny"),
         modality="edge",
@@ -90,6 +91,11 @@ def test_zero_initialised_control_starts_at_the_base_loss():
         ),
     )
     module.configure_model()
+    return module
+
+
+def test_zero_initialised_control_starts_at_the_base_loss():
+    module = tiny_edge_stage()
     batch = {k: torch.stack([sample(i)[k] for i in range(3)]) for k in sample(0)}
     with torch.no_grad():
         controlled = module.loss(batch, step=0)
@@ -126,14 +132,7 @@ def test_ema_equals_its_formula():
 def test_control_training_weights_the_control_by_the_batch_mask():
     """A batch `mask` (shards' mask.mp4) weights the trained control as mask_path does in
     inference: all ones is the unmasked loss exactly, all zeros the loss without the control."""
-    module = ControlTraining(
-        net=NetSpec("tiny"),
-        modality="edge",
-        options=StageOptions(
-            text=TextSpec(encoder="none"), sharding=ShardingConfig(param_dtype="none", checkpointing="none")
-        ),
-    )
-    module.configure_model()
+    module = tiny_edge_stage()
     with torch.no_grad():  # a branch that does something (zero-initialised it adds nothing)
         module.model.controls["edge"].after_proj[0].weight.normal_(0, 0.05)
     batch = {k: torch.stack([sample(i)[k] for i in range(2)]) for k in sample(0)}
