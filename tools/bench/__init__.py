@@ -61,8 +61,9 @@ def bench(
     (few steps), plus decoding (tools/bench/generation.py).
 
     `--mode dmd2` times, in one process with the same inputs, the control-training step above
-    (ours), one DMD2 student turn and one critic turn of the DMD2 stage's own code at the full
-    backward simulation, and each turn's ratio to the control step (tools/bench/dmd2.py).
+    (ours), one KD warmup step of the KD stage's own code, one DMD2 student turn and one critic
+    turn of the DMD2 stage's own code at the full backward simulation, and each one's ratio to
+    the control step (tools/bench/dmd2.py).
 
     `--mode scale` (under torchrun, 2 or more processes) measures data parallelism (FSDP2) and
     context parallelism against one GPU in the same run: control-training throughput, DMD2
@@ -70,8 +71,8 @@ def bench(
 
     Args:
         mode: net (the network against its peer), data (clip decoding throughput), generation
-            (teacher vs student sampling time), dmd2 (DMD2 turns against the control step) or
-            scale (several GPUs against one).
+            (teacher vs student sampling time), dmd2 (a KD step and the DMD2 turns against the
+            control step) or scale (several GPUs against one).
         preset: network preset (tiny, small, 2b, 14b); the text projection is left out, as in the peer.
         shapes: comma-separated named shapes (480p_93f, 720p_93f) or latent grids TxHxW; none:
             480p_93f for dmd2, else 480p_93f,720p_93f.
@@ -83,8 +84,8 @@ def bench(
             partial:N (full on the first N blocks in execution order, control blocks first, none
             on the rest) or partial:N:REST (modules.nets.dit.checkpoint_plan); true/false mean
             full/none. The peer keeps its reference setting, full checkpointing of every block,
-            unless this is none/false. dmd2 mode: the control step's network and the blocks of
-            all DMD2 networks (student, teacher, fake score; the GAN head has none).
+            unless this is none/false. dmd2 mode: the control step's network, the KD student and the
+            blocks of all DMD2 networks (student, teacher, fake score; the GAN head has none).
         attention_backend: SDPA backend for ours (auto, flash, cudnn, efficient, math).
         compile: torch.compile each of our blocks (inductor), as `sharding.compile` does in training;
             the warm-up run pays the compilation. dmd2 mode: every network's blocks.
@@ -95,7 +96,7 @@ def bench(
             the options above, e.g. "attention_backend=flash;checkpointing=partial:20,infer=false";
             also shapes (`+`-separated), steps and profile (true/false) per variant. The peer runs first.
             dmd2 mode: keys checkpointing, compile, attention_backend, shapes and steps, each
-            applied to the control step and to both turns.
+            applied to the control step, the KD step and both turns.
         profile: a folder: after each measurement, profile one more training step of its last
             shape and write the top kernels by device time there (and to stdout).
         peak_tflops: the GPU's dense bf16 peak for MFU (H200/H100 SXM: about 790 by the peer's convention).

@@ -5,6 +5,11 @@ What a Trainer would add around a turn is re-composed from DMD2.training_step: z
 optimizers' gradients, backward, clip the stepped optimizer's gradient norm, AdamW step (the
 stage's configure_optimizers), scheduler step. Not included: the EMA update after a student turn
 and logging. Each turn is run at its costliest exit step (`full_simulation_turns`).
+
+What tools/bench/kd_stage.py's KD step shares with the turns is here too: a stage built on the
+bench's device (`BenchDevice`, `cast_inputs`), its optimizer states created before timing
+(`prime_optimizers`), kept and reset so that every configuration starts from the same state
+(`StageRuns`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -24,14 +30,19 @@ from modules.stages.dmd2 import DMD2, GANSpec
 from tools.bench.common import timed_peak
 
 
-class OnDevice(DMD2):
-    """The DMD2 stage, its networks materialised on `bench_device` without a Trainer (the stage
+class BenchDevice:
+    """Mixin for a stage: its networks materialised on `bench_device` without a Trainer (a stage
     otherwise builds on CPU when no Trainer gives it a device)."""
 
     bench_device: torch.device = torch.device("cpu")
 
     def build_device(self) -> torch.device:
+        """Where Stage.build_denoiser materialises the networks: the bench's device."""
         return self.bench_device
+
+
+class OnDevice(BenchDevice, DMD2):
+    """The DMD2 stage on the bench's device (BenchDevice)."""
 
 
 def _cast(value, dtype: torch.dtype):
@@ -159,33 +170,20 @@ def dynamo_graphs() -> int:
 
 
 @dataclasses.dataclass
-class Turns:
-    """A DMD2 stage ready to time its turns: both optimizers' states already exist (as after the
-    first turns of training, so each turn's peak memory holds both) and each kind of turn runs at
-    its full backward simulation."""
+class StageRuns:
+    """A stage the bench times, with its optimizers and schedulers: what every configuration
+    resets to (`keep_initial`, `reset`) and the losses of the runs of the last measurement."""
 
-    stage: OnDevice
+    stage: torch.nn.Module
     optimizers: list
     schedulers: list
-    numbers: dict[bool, int]
-    """{is_student_turn: turn number} (full_simulation_turns)."""
-    losses: list = dataclasses.field(default_factory=list)
-    """The loss of every turn run since the last `measure` began (detached tensors)."""
-    initial: dict | None = None
+    losses: list = dataclasses.field(default_factory=list, kw_only=True)
+    """The loss of every run since the last measurement began (detached tensors)."""
+    initial: dict | None = dataclasses.field(default=None, kw_only=True)
     """Trained parameters, optimizer and scheduler states kept by `keep_initial`."""
 
-    @classmethod
-    def build(cls, preset, device, dtype, checkpointing, compile, student_trainable, mesh=None) -> Turns:
-        stage = build_stage(preset, device, dtype, checkpointing, compile, student_trainable, mesh=mesh)
-        optimizers, schedulers = stage.configure_optimizers()
-        prime_optimizers(optimizers)
-        return cls(stage, optimizers, schedulers, full_simulation_turns(stage))
-
-    def step(self, batch: dict, student: bool) -> None:
-        loss = turn_step(self.stage, self.optimizers, self.schedulers, batch, self.numbers[student], student)
-        self.losses.append(loss)
-
     def trained(self) -> list[torch.Tensor]:
+        """The parameters the optimizers step."""
         return [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
 
     def keep_initial(self) -> None:
@@ -209,14 +207,41 @@ class Turns:
         for sched, kept in zip(self.schedulers, self.initial["schedulers"], strict=True):
             sched.load_state_dict(copy.deepcopy(kept))
 
-    def measure(self, batch: dict, student: bool, steps: int, device: torch.device) -> tuple[float, float | None]:
-        """Median seconds and peak GiB of one kind of turn. Out of GPU memory: the gradients are
-        dropped (the next measurement starts clean) and the error raised. The losses of the
-        warm-up and timed runs are left in `losses`."""
+    def timed_runs(self, run: Callable[[], None], steps: int, device: torch.device) -> tuple[float, float | None]:
+        """Median seconds and peak GiB of `run` (tools.bench.common.timed_peak). Out of GPU
+        memory: the gradients are dropped (the next measurement starts clean) and the error
+        raised. The losses of the warm-up and timed runs are left in `losses`."""
         self.losses = []
         try:
-            return timed_peak(functools.partial(self.step, batch, student), steps, device)
+            return timed_peak(run, steps, device)
         except torch.OutOfMemoryError:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
             raise
+
+
+@dataclasses.dataclass
+class Turns(StageRuns):
+    """A DMD2 stage ready to time its turns: both optimizers' states already exist (as after the
+    first turns of training, so each turn's peak memory holds both) and each kind of turn runs at
+    its full backward simulation."""
+
+    stage: OnDevice
+    numbers: dict[bool, int]
+    """{is_student_turn: turn number} (full_simulation_turns)."""
+
+    @classmethod
+    def build(cls, preset, device, dtype, checkpointing, compile, student_trainable, mesh=None) -> Turns:
+        """The 2b edge dmd2.yaml stage (build_stage) with both optimizers' states created."""
+        stage = build_stage(preset, device, dtype, checkpointing, compile, student_trainable, mesh=mesh)
+        optimizers, schedulers = stage.configure_optimizers()
+        prime_optimizers(optimizers)
+        return cls(stage, optimizers, schedulers, full_simulation_turns(stage))
+
+    def step(self, batch: dict, student: bool) -> None:
+        loss = turn_step(self.stage, self.optimizers, self.schedulers, batch, self.numbers[student], student)
+        self.losses.append(loss)
+
+    def measure(self, batch: dict, student: bool, steps: int, device: torch.device) -> tuple[float, float | None]:
+        """Median seconds and peak GiB of one kind of turn (StageRuns.timed_runs)."""
+        return self.timed_runs(functools.partial(self.step, batch, student), steps, device)
