@@ -81,10 +81,10 @@ def test_resume_gives_the_same_losses(tmp_path):
     assert resumed["losses"] == pytest.approx(full[2:], abs=1e-6)
 
 
-def tiny_edge_stage() -> ControlTraining:
+def tiny_edge_stage(net: NetSpec | None = None) -> ControlTraining:
     """The tiny edge ControlTraining, built in this process (no Trainer, fp32, precomputed text)."""
     module = ControlTraining(
-        net=NetSpec("tiny"),
+        net=net or NetSpec("tiny"),
         modality="edge",
         options=StageOptions(
             text=TextSpec(encoder="none"), sharding=ShardingConfig(param_dtype="none", checkpointing="none")
@@ -105,6 +105,29 @@ def test_zero_initialised_control_starts_at_the_base_loss():
         module.modality = "edge"
         module.model.controls["edge"].after_proj[0].weight.normal_(0, 0.05)
         assert not torch.equal(module.loss(batch, step=0), base)
+
+
+def test_net_control_sizes_the_branch_it_trains(tmp_path):
+    from modules.denoiser import Denoiser
+    from modules.nets import preset
+
+    # over a saved base (no branches yet): a block beside every base block, copies of them
+    cfg = preset("tiny", latent_channels=48)  # the stage's pixel tokenizer: 4x4 pixels x 3
+    cfg.control.channels, cfg.modalities = 48, []
+    Denoiser.build(cfg, seed=0).save_pretrained(tmp_path / "base")
+    module = tiny_edge_stage(NetSpec(init_from=str(tmp_path / "base"), control={"blocks": 4, "every": 1}))
+    branch = module.model.controls["edge"]
+    assert (len(branch.blocks), branch.ctrl.every) == (4, 1)
+    base_block = module.model.net.blocks[3].state_dict()
+    for k, v in branch.blocks[3].state_dict().items():
+        assert torch.equal(v, base_block[k]), k
+    # a saved network whose branches exist keeps their size; an unknown field is named
+    cfg.modalities = ["edge"]
+    Denoiser.build(cfg, seed=0).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match="differs from the control branches"):
+        tiny_edge_stage(NetSpec(init_from=str(tmp_path / "teacher"), control={"blocks": 4, "every": 1}))
+    with pytest.raises(ValueError, match="unknown field.*depth"):
+        tiny_edge_stage(NetSpec("tiny", control={"depth": 2}))
 
 
 def test_ema_equals_its_formula():

@@ -7,7 +7,7 @@ subclass `Stage`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +20,7 @@ from datamodules.seeds import mix_seed
 
 from ..checkpoint import checkpoint_path, save_atomic
 from ..denoiser import Cond, Denoiser, null_text
-from ..nets import NetConfig, preset
+from ..nets import ControlConfig, NetConfig, preset
 from ..parallel import ShardingConfig, context_group, data_parallel_rank, shard_mesh, shard_model
 from ..sampling import GenerationSettings, Sampler, SamplerConfig, to_uint8, to_unit
 from ..text import build_text_encoder
@@ -39,6 +39,10 @@ class NetSpec:
     overrides: dict = field(default_factory=dict)
     """Fields to override on the preset: DiTConfig's (e.g. {dim: 128, text_proj_in: null}) and
     NetConfig's cond_frame_t, use_text_mask, prediction."""
+    control: dict = field(default_factory=dict)
+    """ControlConfig fields of the control branches (blocks, every, channels), over the preset's
+    or `init_from`'s: a branch's size is chosen where it is trained. A saved network whose
+    branches exist already keeps theirs (a different value is an error)."""
 
 
 @dataclass
@@ -140,6 +144,21 @@ def check_trainable(value: str, name: str = "trainable") -> None:
         raise ValueError(f"{name} must be control or all, got {value!r}")
 
 
+def control_config(cfg: NetConfig, spec: NetSpec) -> ControlConfig:
+    """`cfg.control` with `spec.control`'s fields; refused where `spec.init_from` already holds
+    control branches of another size (their weights would not fit)."""
+    unknown = sorted(set(spec.control) - {f.name for f in fields(ControlConfig)})
+    if unknown:
+        raise ValueError(f"net.control: unknown field(s) {', '.join(unknown)}; known: blocks, every, channels")
+    ctrl = replace(cfg.control, **spec.control)
+    if spec.init_from and cfg.modalities and ctrl != cfg.control:
+        raise ValueError(
+            f"net.control {spec.control} differs from the control branches {spec.init_from} holds "
+            f"({asdict(cfg.control)}, {', '.join(cfg.modalities)}): leave net.control out"
+        )
+    return ctrl
+
+
 def adamw(params: list[torch.nn.Parameter], spec: OptimSpec):
     """AdamW over `params` and its per-step learning-rate schedule (`lr_lambda`)."""
     opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
@@ -219,6 +238,8 @@ class Stage(L.LightningModule):
                     cfg.dit.text_proj_in = self.text_encoder.out_dim
                 else:
                     cfg.dit.text_dim = self.text_encoder.out_dim
+        if spec.control:
+            cfg.control = control_config(cfg, spec)
         cfg.modalities = list(modalities)
         return cfg
 

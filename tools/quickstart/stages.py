@@ -29,7 +29,7 @@ class Budget:
     otherwise the base and the edge teacher are the shipped ones (modules/weights/)."""
 
     train_clips: int = 256
-    val_clips: int = 16
+    val_clips: int = 32
     base_steps: int = 5000
     control_steps: int = 2500
     blur_steps: int = 30
@@ -39,8 +39,10 @@ class Budget:
     dmd2_turns: int = 20
     val_samples: int = 4
     """Held-out clips each training stage validates on (loss, sample videos, Edge F1) at its end."""
-    specs: int = 16
-    """Held-out clips every compared model generates and is scored on (mean and spread)."""
+    specs: int = 32
+    """Held-out clips every compared model generates and is scored on (mean and spread): with 16,
+    the control-free base's mean shape IoU alone moves by about 0.04 from one set of clips to the
+    next, a sixth of its value."""
     pretrain_clips: int = 2048
     """Training clips of --from-scratch's base and edge stages (the shipped weights' data)."""
 
@@ -67,13 +69,13 @@ BUDGETS = {
     "cuda": {
         "full": Budget(
             train_clips=2048,
-            val_clips=16,
+            val_clips=32,
             blur_steps=500,
             kd_clips=512,
             kd_val_clips=16,
             kd_steps=600,
             dmd2_turns=400,
-            specs=16,
+            specs=32,
             val_samples=8,
         ),
         "smoke": SMOKE,
