@@ -5,7 +5,7 @@
 synthetic shards -> base -> edge and blur control branches -> KD data -> KD warmup -> DMD2 (4-step
 student) -> consolidation -> held-out specs -> inference (teacher 35 steps; KD student 4 steps; DMD2
 student 4 and 1 steps; an edge + vis teacher) -> evaluation -> report. Every stage is the
-subcommand a cluster user runs, called in-process with the quickstart recipe
+subcommand a cluster user runs (a training run in a child process) with the quickstart recipe
 (recipes/quickstart/*.yaml) and only the budget changed (steps, clip counts), written to
 OUT/configs/<stage>.yaml so nothing is hidden. Everything lands under OUT (the recipes' relative
 paths resolve there). A rerun skips finished stages and resumes an interrupted training stage from

@@ -1,10 +1,12 @@
-"""The quickstart's budgets and stages, each a `vidistill` subcommand called in-process."""
+"""The quickstart's budgets and stages, each a `vidistill` subcommand (training runs in a child process)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -13,7 +15,8 @@ from pathlib import Path
 from .report import write_report
 from .runs import DATA, EVAL, OUTPUTS, RUNS, RUNS_TO_COMPARE, SHIPPED, SPEC_FILES, SPECS
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
+ROOT = Path(__file__).resolve().parents[2]  # the checkout every stage's subcommand runs from
+RECIPES = ROOT / "recipes" / "quickstart"
 # the recipes' clip size
 CLIP = ["--num_frames", 4, "--height", 32, "--width", 48]
 # plain black floors: the shapes' outlines are the only edges and every shape colour stands out
@@ -86,9 +89,9 @@ BUDGETS = {
 @contextmanager
 def inside(path: Path):
     """Run with `path` as the working directory (the recipes' runs/quickstart/... land under OUT),
-    and leave the caller's process as it was: the in-process Lightning runs set MASTER_PORT and
-    friends and keep a gloo process group listening on that port, which a later torchrun or
-    Lightning launch from the same process (or its children) would collide with."""
+    and leave the caller's process as it was: a subcommand that starts a process group sets
+    MASTER_PORT and friends and keeps a gloo group listening on that port, which a later torchrun
+    or Lightning launch from the same process (or its children) would collide with."""
     import torch.distributed as dist
 
     old, env = os.getcwd(), dict(os.environ)
@@ -108,6 +111,26 @@ def cli(*args) -> None:
     from tools.cli import main
 
     main([str(a) for a in args])
+
+
+class StageFailed(ValueError):
+    """A training run exited with an error (printed above by `vidistill fit`); a ValueError, so
+    `vidistill quickstart` ends with it in one line."""
+
+
+def fit_in_child(*args) -> None:
+    """`vidistill fit ARGS` in a child process of this interpreter and checkout (its output passes
+    through). Not in this process: a checkpoint save runs a gloo collective that runs an OpenMP
+    loop on one of gloo's threads, after which libgomp counts more OpenMP threads than cores and
+    stops spin-waiting for the rest of the process; every later stage's small CPU ops then ran
+    3-10x slower (infer 2.9 s a video instead of 0.9 s after an in-process fit, on 2 cores). The
+    other subcommands start no process group and stay in-process (a child costs seconds of
+    imports)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "tools.cli", "fit", *map(str, args)]
+    code = subprocess.run(command, env=env).returncode
+    if code != 0:
+        raise StageFailed(f"`vidistill {' '.join(command[3:])}` exited with status {code} (its error is above)")
 
 
 def training_config(stage: str, steps: int, device: str, val_samples: int | None = None, seed: int = 0) -> Path:
@@ -151,7 +174,7 @@ def fit(stage: str, steps: int, device: str, val_samples: int | None = None, see
     complete checkpoint (`--ckpt_path last`: the recipes save one every 50 steps)."""
     config = training_config(stage, steps, device, val_samples, seed)
     resume = (RUNS / stage / "checkpoints").is_dir()
-    cli("fit", "--config", config, *(["--ckpt_path", "last"] if resume else []))
+    fit_in_child("--config", config, *(["--ckpt_path", "last"] if resume else []))
 
 
 # --------------------------------------------------------------------------------------------
