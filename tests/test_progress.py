@@ -158,7 +158,7 @@ def test_the_quickstart_checkpoints_every_50_steps_and_resumes(tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     called = []
-    monkeypatch.setattr(stages, "cli", lambda *args: called.append([str(a) for a in args]))
+    monkeypatch.setattr(stages, "fit_in_child", lambda *args: called.append([str(a) for a in args]))
     for steps, every in ((190, 50), (30, 30)):
         config = yaml.safe_load(stages.training_config("base", steps, "cpu").read_text())
         checkpoint = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("AtomicCheckpoint"))
@@ -167,3 +167,13 @@ def test_the_quickstart_checkpoints_every_50_steps_and_resumes(tmp_path, monkeyp
     (stages.RUNS / "base" / "checkpoints").mkdir(parents=True)
     stages.fit("base", 190, "cpu")  # a rerun after a kill
     assert "--ckpt_path" not in called[0] and called[1][-2:] == ["--ckpt_path", "last"]
+
+
+def test_a_failed_training_stage_stops_the_quickstart_in_one_line(tmp_path, monkeypatch, capfd):
+    from tools.quickstart import stages
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(stages.StageFailed, match=r"`vidistill fit --config missing.yaml` exited with status 2"):
+        stages.fit_in_child("--config", "missing.yaml")
+    err = capfd.readouterr().err  # the child's own error, passed through
+    assert "error:" in err and "missing.yaml" in err
