@@ -31,17 +31,13 @@ def losses_by_configuration(rows: list[dict], entry: str) -> dict[str, list[floa
     return {r["configuration"]: r["losses"] for r in rows if r["entry"] == entry}
 
 
+def tiny_dmd2_bench(**options) -> list[dict]:
+    """`bench --mode dmd2` of the tiny preset on one 2x4x4 grid, one timed run, CPU float32."""
+    return bench(mode="dmd2", preset="tiny", shapes="2x4x4", steps=1, device="cpu", dtype="float32", **options)
+
+
 def test_dmd2_turns_against_the_control_step(capsys):
-    rows = bench(
-        mode="dmd2",
-        preset="tiny",
-        shapes="2x4x4",
-        steps=1,
-        device="cpu",
-        dtype="float32",
-        checkpointing="attention",
-        variants="checkpointing=full",
-    )
+    rows = tiny_dmd2_bench(checkpointing="attention", variants="checkpointing=full")
     assert [(r["configuration"], r["entry"]) for r in rows] == [
         (conf, entry)
         for conf in ("ckpt=attention attn=auto compile=0", "ckpt=full attn=auto compile=0")
@@ -74,17 +70,7 @@ def test_dmd2_turns_against_the_control_step(capsys):
 def test_dmd2_compiled_kd_step_and_turns(capsys):
     """--compile true beside eager blocks, as docs/benchmarks.md's command runs them: the same
     losses step for step, graphs compiled in the first runs only."""
-    rows = bench(
-        mode="dmd2",
-        preset="tiny",
-        shapes="2x4x4",
-        steps=1,
-        device="cpu",
-        dtype="float32",
-        checkpointing="full",
-        compile=True,
-        variants="compile=false",
-    )
+    rows = tiny_dmd2_bench(checkpointing="full", compile=True, variants="compile=false")
     assert all(r["error"] is None for r in rows)
     kd = {r["configuration"]: r for r in rows if r["entry"] == "KD step"}
     on, off = kd["ckpt=full attn=auto compile=1"], kd["ckpt=full attn=auto compile=0"]

@@ -147,7 +147,8 @@ def measure_kd_steps(
     and what the header says of the KD stage. The stage is built once for every configuration
     (each starting from the same weights and optimizer state, as the turns do) and freed before
     the DMD2 stage is built."""
-    kd = KDSteps.build(opts.preset, dev, dt, plan[0][0].checkpointing, plan[0][0].compile)
+    first = plan[0][0]  # the stage is built with the first configuration's blocks, then reconfigured
+    kd = KDSteps.build(opts.preset, dev, dt, first.checkpointing, first.compile)
     if len(plan) > 1:
         kd.keep_initial()
     spec = kd.stage.optim_spec

@@ -15,7 +15,7 @@ from pathlib import Path
 from .report import write_report
 from .runs import DATA, EVAL, OUTPUTS, RUNS, RUNS_TO_COMPARE, SHIPPED, SPEC_FILES, SPECS
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout every stage's subcommand runs from
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (a training stage's child process imports it)
 RECIPES = ROOT / "recipes" / "quickstart"
 # the recipes' clip size
 CLIP = ["--num_frames", 4, "--height", 32, "--width", 48]
