@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .denoiser import Denoiser
-from .nets import NetConfig, preset
+from .nets import NetConfig, SparseAttention, preset
 
 if TYPE_CHECKING:
     import lightning as L
@@ -316,6 +316,8 @@ def config_from_spec(ckpt: Checkpoint, network: str, spec) -> NetConfig:
             cfg.dit.text_proj_in = ckpt.shape(head + "text_proj.weight")[1]
         elif ckpt.shape(head + "blocks.0.ca.kv.weight"):
             cfg.dit.text_dim = ckpt.shape(head + "blocks.0.ca.kv.weight")[1]
+    if getattr(spec, "sparse", None):
+        cfg.dit.sparse = SparseAttention.from_dict(spec.sparse)
     cfg.modalities = list(dict.fromkeys(k.split(".")[1] for k in ckpt.keys(network) if k.startswith("controls.")))
     return cfg
 

@@ -4,6 +4,7 @@ from .attention import attention, set_backend
 from .control_branch import ControlBranch, ControlConfig, mix_residuals
 from .dit import PEAK_TFLOPS, DiT, DiTConfig, forward_flops
 from .presets import PRESETS, NetConfig, preset
+from .sparse import SparseAttention
 
 __all__ = [
     "attention",
@@ -18,4 +19,5 @@ __all__ = [
     "PRESETS",
     "NetConfig",
     "preset",
+    "SparseAttention",
 ]

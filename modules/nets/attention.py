@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .sparse import SparseAttention, sparse_attention
+
 _BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -30,13 +32,25 @@ def set_backend(name: str) -> None:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, shard=None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    shard=None,
+    sparse: SparseAttention | None = None,
+    grid: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, S, H, D) tensors; `mask` is a bool (B, Sk) key mask (True = attend).
 
     `shard` (a modules.nets.context.Shard, self-attention only): q, k, v hold this rank's S/cp
     tokens of a sequence split across a context-parallel group; attention runs over the whole
-    sequence through all-to-alls (context.ulysses_attention) and returns this rank's tokens."""
+    sequence through all-to-alls (context.ulysses_attention) and returns this rank's tokens.
+    `sparse` (self-attention only): each query attends to the key tiles of the token `grid`
+    (T', H', W') that the config keeps (sparse.py)."""
+    if sparse is not None:
+        if shard is not None or mask is not None:
+            raise ValueError("sparse attention takes neither a key mask nor a context-parallel shard")
+        return sparse_attention(q, k, v, sparse, grid)
     if shard is not None:
         from .context import ulysses_attention
 

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from .attention import attention
 from .context import Shard, check_heads
+from .sparse import SparseAttention
 
 
 @dataclass
@@ -48,6 +49,9 @@ class DiTConfig:
     base_fps: float = 24.0
     """Temporal RoPE positions are frame index * base_fps / fps, so clips at other rates line up."""
     qk_norm_eps: float = 1e-5
+    sparse: SparseAttention | None = None
+    """Sparse self-attention of every block, base and control (modules/nets/sparse.py); None is
+    dense. Cross-attention is always dense."""
 
     @property
     def head_dim(self) -> int:
@@ -56,6 +60,8 @@ class DiTConfig:
     def __post_init__(self) -> None:
         self.patch = tuple(self.patch)
         self.rope_scale = tuple(self.rope_scale)
+        if isinstance(self.sparse, dict):
+            self.sparse = SparseAttention.from_dict(self.sparse)
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
 
@@ -190,18 +196,18 @@ def gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class SelfAttention(nn.Module):
     def __init__(self, cfg: DiTConfig, device=None, dtype=None):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.sparse = cfg.heads, cfg.sparse
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False, device=device, dtype=dtype)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps, device, dtype)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps, device, dtype)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, rope, shard: Shard | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, shard: Shard | None = None, grid=None) -> torch.Tensor:
         B, S, _ = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, -1).unbind(2)
         q = apply_rope(self.q_norm(q), rope)
         k = apply_rope(self.k_norm(k), rope)
-        return self.out(attention(q, k, v, shard=shard).flatten(2))
+        return self.out(attention(q, k, v, shard=shard, sparse=self.sparse, grid=grid).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -351,7 +357,7 @@ class Block(nn.Module):
 
     def _forward(self, x: torch.Tensor, s: State) -> torch.Tensor:
         shift, scale, gate = self.mod_sa(s.emb, s.lora)
-        x = gated(x, gate, self.sa(modulate(x, shift, scale), s.rope, s.shard))
+        x = gated(x, gate, self.sa(modulate(x, shift, scale), s.rope, s.shard, s.grid))
         shift, scale, gate = self.mod_ca(s.emb, s.lora)
         x = gated(x, gate, self.ca(modulate(x, shift, scale), s.text, s.text_mask))
         shift, scale, gate = self.mod_mlp(s.emb, s.lora)
@@ -402,6 +408,8 @@ class DiT(nn.Module):
         (modules/nets/context.py). Every rank of the group must make the same calls with the
         same inputs."""
         if group is not None:
+            if self.cfg.sparse is not None:
+                raise ValueError("sparse self-attention does not run context-parallel: use one rank per sample")
             check_heads(self.cfg.heads, group)
             if torch.distributed.get_world_size(group) == 1:
                 group = None

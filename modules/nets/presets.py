@@ -52,7 +52,10 @@ class NetConfig:
         )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["dit"]["sparse"] is None:  # dense: config.json as before the field existed
+            del d["dit"]["sparse"]
+        return d
 
 
 def _check_keys(d: object, cls: type, where: str) -> None:

@@ -20,7 +20,7 @@ from datamodules.seeds import mix_seed
 
 from ..checkpoint import checkpoint_path, save_atomic
 from ..denoiser import Cond, Denoiser, null_text
-from ..nets import ControlConfig, NetConfig, preset
+from ..nets import ControlConfig, NetConfig, SparseAttention, preset
 from ..parallel import ShardingConfig, context_group, data_parallel_rank, shard_mesh, shard_model
 from ..sampling import GenerationSettings, Sampler, SamplerConfig, to_uint8, to_unit
 from ..text import build_text_encoder
@@ -240,6 +240,8 @@ class Stage(L.LightningModule):
                     cfg.dit.text_dim = self.text_encoder.out_dim
         if spec.control:
             cfg.control = control_config(cfg, spec)
+        if spec.sparse:
+            cfg.dit.sparse = SparseAttention.from_dict(spec.sparse)
         cfg.modalities = list(modalities)
         return cfg
 
