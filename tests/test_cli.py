@@ -87,7 +87,7 @@ def test_bench_smoke_on_cpu(capsys, monkeypatch):
     ]
     assert all(r["train_step_s"] > 0 and r["infer_fwd_s"] > 0 and r["tokens"] == 8 for r in rows)
     (peer,) = built
-    blocks = peer.blocks()
+    blocks = [*peer.tr.transformer_blocks, *peer.cn.control_blocks]
     assert len(blocks) == 4 + 2 and all(b._compiled_call_impl is not None for b in blocks)
     assert counters["stats"]["unique_graphs"] > 0
     ratio = r"\d+\.\d\dx \(vs eager \d+\.\d\dx\)"
