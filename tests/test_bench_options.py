@@ -120,3 +120,36 @@ def test_bench_runs_variants_and_profiles(tmp_path, capsys):
     assert all(r["infer_fwd_s"] is None and r["train_step_s"] > 0 for r in rows)
     assert [p.name for p in tmp_path.iterdir()] == ["vidistill_2x4x4_ckpt_attention_attn_auto_compile_0.txt"]
     assert "| 2x2x2 | vidistill | ckpt=partial:2:selective" in capsys.readouterr().out
+
+
+def test_bench_table_ratios_against_the_compiled_peer():
+    from tools.bench.net import format_table
+
+    def row(impl, compiled, train, infer, shape="720p_93f", error=None):
+        variant = f"diffusers {'compiled' if compiled else 'eager'}" if impl == "diffusers" else "ours"
+        return dict(
+            impl=impl,
+            variant=variant,
+            compiled=compiled,
+            shape=shape,
+            error=error,
+            train_step_s=train,
+            train_peak_GiB=1.0,
+            train_mfu=None,
+            infer_fwd_s=infer,
+            infer_peak_GiB=1.0,
+            infer_mfu=None,
+        )
+
+    rows = [row("diffusers", False, 4.0, 2.0), row("diffusers", True, 3.0, 1.5), row("vidistill", True, 2.0, 1.0)]
+    out = format_table(rows)
+    assert (
+        "720p_93f [ours]: vs diffusers compiled: train 1.50x (vs eager 2.00x), inference 1.50x (vs eager 2.00x)" in out
+    )
+    # the compiled peer ran out of memory: the ratios fall back to the eager peer, and say so
+    rows[1] = row("diffusers", True, None, None, error="out of memory: CUDA out of memory")
+    assert (
+        "720p_93f [ours]: vs diffusers eager (compiled peer: out of memory: CUDA out of memory): train 2.00x, "
+        "inference 2.00x" in format_table(rows)
+    )
+    assert "vs diffusers" not in format_table(rows[2:])  # no peer, no speed-up line

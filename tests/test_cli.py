@@ -1,6 +1,7 @@
 """The `vidistill` command end to end on tiny inputs."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -36,7 +37,26 @@ def test_import_weights_bad_input_is_one_line(tmp_path):
     assert "config.json" in str(err.value) and "error" in str(err.value)
 
 
-def test_bench_smoke_on_cpu(capsys):
+@pytest.mark.usefixtures("one_thread")
+def test_bench_smoke_on_cpu(capsys, monkeypatch):
+    # the peer eager, then with every block compiled (aot_eager: Dynamo and AOTAutograd, without
+    # inductor's minutes of C++ code generation); ratios against the compiled peer
+    from torch._dynamo.utils import counters
+
+    import tools.bench.net as net
+
+    built = []
+
+    class Peer(net.Diffusers):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(net, "Diffusers", Peer)
+    # a compiled version past the limit would run eagerly unnoticed: make it an error
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    limit = torch._dynamo.config.recompile_limit
+    counters.clear()
     main(
         [
             "bench",
@@ -52,10 +72,25 @@ def test_bench_smoke_on_cpu(capsys):
             "1",
             "--peer",
             "diffusers",
+            "--peer_compile_backend",
+            "aot_eager",
         ]
     )
     out = capsys.readouterr().out
+    assert json.loads(out.splitlines()[0])["peer_recompile_limit"] == 64
+    assert torch._dynamo.config.recompile_limit == limit  # restored after the peer
     rows = [json.loads(line) for line in out.splitlines() if line.startswith('{"impl"')]
-    assert {r["impl"] for r in rows} == {"vidistill", "diffusers"}
+    assert [(r["impl"], r["variant"], r["compiled"]) for r in rows] == [
+        ("diffusers", "diffusers eager (full checkpointing)", False),
+        ("diffusers", "diffusers compiled (full checkpointing)", True),
+        ("vidistill", "ckpt=full attn=auto compile=0", False),
+    ]
     assert all(r["train_step_s"] > 0 and r["infer_fwd_s"] > 0 and r["tokens"] == 8 for r in rows)
-    assert "speed-up vs diffusers" in out
+    (peer,) = built
+    blocks = [*peer.tr.transformer_blocks, *peer.cn.control_blocks]
+    assert len(blocks) == 4 + 2 and all(b._compiled_call_impl is not None for b in blocks)
+    assert counters["stats"]["unique_graphs"] > 0
+    ratio = r"\d+\.\d\dx \(vs eager \d+\.\d\dx\)"
+    assert re.search(
+        rf"2x4x4 \[ckpt=full attn=auto compile=0\]: vs diffusers compiled: train {ratio}, inference {ratio}$", out, re.M
+    )

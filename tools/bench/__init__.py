@@ -20,6 +20,7 @@ def bench(
     preset: str = "2b",
     shapes: str | None = None,
     peer: str | None = None,
+    peer_compile_backend: str = "inductor",
     steps: int = 2,
     device: str = "cuda",
     dtype: str = "bfloat16",
@@ -76,7 +77,11 @@ def bench(
         preset: network preset (tiny, small, 2b, 14b); the text projection is left out, as in the peer.
         shapes: comma-separated named shapes (480p_93f, 720p_93f) or latent grids TxHxW; none:
             480p_93f for dmd2, else 480p_93f,720p_93f.
-        peer: "diffusers" to also run diffusers' Cosmos transformer + controlnet of the same configuration.
+        peer: "diffusers" to also run diffusers' Cosmos transformer + controlnet of the same
+            configuration, first eager, then with every transformer and control block compiled;
+            the speed-up lines are against the compiled peer, with the eager peer's beside them.
+        peer_compile_backend: torch.compile backend of the compiled peer: inductor (aot_eager or
+            eager only for CPU tests, where inductor's C++ code generation takes minutes).
         steps: timed runs per measurement (median), after one warm-up.
         device: cuda or cpu (cpu only for smoke tests).
         dtype: parameter and activation dtype (bfloat16 or float32).
@@ -159,4 +164,4 @@ def bench(
         return bench_dmd2(opts, student_trainable)
     from tools.bench.net import bench_net
 
-    return bench_net(opts, peer, infer)
+    return bench_net(opts, peer, infer, peer_compile_backend)

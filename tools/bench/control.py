@@ -36,6 +36,7 @@ class Ours:
         set_compile(self.model, variant.compile)
         set_backend(variant.attention_backend)
         self.variant = variant.label()
+        self.compiled = variant.compile
 
     def forward(self, x):
         cond = Cond(text=x["text"], controls={"edge": x["ctrl"]}, padding_mask=x["pad"])
@@ -64,6 +65,7 @@ def error_row(impl, shape: str, error: str) -> dict:
     return dict(
         impl=impl.name,
         variant=impl.variant,
+        compiled=impl.compiled,
         shape=shape,
         error=error,
         train_step_s=None,
@@ -99,6 +101,7 @@ def measure_shape(impl, opt, cfg, shape, grid, device, steps, peak_tflops, infer
     row = dict(
         impl=impl.name,
         variant=impl.variant,
+        compiled=impl.compiled,
         shape=shape,
         tokens=tokens,
         train_step_s=round(train_s, 3),
