@@ -12,6 +12,7 @@ import torch
 
 from datamodules.codec import decode_video
 from modules.denoiser import Cond, Denoiser
+from modules.nets import SparseAttention
 from tools.quickstart import RUNS, RUNS_TO_COMPARE, quickstart
 
 
@@ -25,11 +26,15 @@ def run(tmp_path_factory):
 def test_every_stage_wrote_its_artifact(run):
     out, report = run
     runs = out / RUNS
-    for stage in ("base", "edge", "blur", "kd", "dmd2"):
+    for stage in ("base", "edge", "blur", "kd", "dmd2", "kd_sparse", "dmd2_sparse"):
         assert (runs / stage / "export" / "model.safetensors").is_file(), stage
         assert (runs / stage / "export" / "generation.json").is_file(), stage
     assert list((runs / "kd" / "train").rglob("*.tar")) and list((runs / "kd" / "val").rglob("*.tar"))
     assert (runs / "dmd2" / "consolidated" / "student" / "model.safetensors").is_file()
+    # only the sparse student is sparse: its consolidated config carries the recipe's attention
+    sparse = Denoiser.config_from(runs / "dmd2_sparse/consolidated/student").dit.sparse
+    assert sparse == SparseAttention("topk", (1, 4, 4), keep=8)
+    assert Denoiser.config_from(runs / "dmd2/consolidated/student").dit.sparse is None
     assert set(Denoiser.config_from(runs / "teacher_edge_vis").modalities) == {"edge", "blur"}
     for folder, *_ in RUNS_TO_COMPARE:
         assert len(list((runs / "out" / folder).glob("*.json"))) == 2, folder
@@ -43,6 +48,9 @@ def test_every_stage_wrote_its_artifact(run):
         "kd",
         "dmd2",
         "consolidate",
+        "kd_sparse",
+        "dmd2_sparse",
+        "consolidate_sparse",
         "combine",
         "specs",
         "infer",

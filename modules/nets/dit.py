@@ -72,11 +72,12 @@ class DiTConfig:
 PEAK_TFLOPS = 790.0
 
 
-def forward_flops(dim: int, tokens: int, blocks: int, text_tokens: int = 512) -> float:
+def forward_flops(dim: int, tokens: int, blocks: int, text_tokens: int = 512, attended: float = 1.0) -> float:
     """Matmul FLOPs of one forward through `blocks` DiT blocks, counted as the peer benchmark
     counts them: per token 2 (4 d^2 self-attn qkvo + 2 d^2 cross q/o + 8 d^2 MLP) + 4 S d
-    (QK^T and AV over S tokens) + 4 L d (cross-attention over L text tokens)."""
-    per_token = 2 * (4 + 2 + 8) * dim * dim + 4 * tokens * dim + 4 * text_tokens * dim
+    (QK^T and AV over S tokens) + 4 L d (cross-attention over L text tokens). `attended`: the
+    share of the S keys each query attends to (sparse attention's kept fraction)."""
+    per_token = 2 * (4 + 2 + 8) * dim * dim + 4 * attended * tokens * dim + 4 * text_tokens * dim
     return blocks * tokens * per_token
 
 
@@ -208,6 +209,15 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.q_norm(q), rope)
         k = apply_rope(self.k_norm(k), rope)
         return self.out(attention(q, k, v, shard=shard, sparse=self.sparse, grid=grid).flatten(2))
+
+
+def set_sparse(module: nn.Module, sparse: SparseAttention | None) -> None:
+    """Switch the self-attention of every block in `module` to `sparse` (None: dense), weights
+    untouched: how a benchmark measures one set of weights dense and sparse. A network built
+    sparse has the field in its config (`DiTConfig.sparse`) instead."""
+    for m in module.modules():
+        if isinstance(m, SelfAttention):
+            m.sparse = sparse
 
 
 class CrossAttention(nn.Module):

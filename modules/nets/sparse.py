@@ -171,6 +171,9 @@ def gather_attention(
     return out.permute(0, 2, 3, 1, 4)
 
 
+# Built eagerly even inside a compiled block: the mask is data (indices), and tracing its
+# construction (vmapped index conversions) costs compile time for nothing the kernel needs.
+@torch.compiler.disable
 def block_mask(idx: torch.Tensor, layout: TileLayout, batch: int, heads: int, grad: bool):
     """A FlexAttention BlockMask of one block per tile that keeps `idx`'s tiles: tiles without
     padding as full blocks (no mask evaluated), tiles with padding as partial ones whose mask_mod
@@ -206,6 +209,18 @@ def block_mask(idx: torch.Tensor, layout: TileLayout, batch: int, heads: int, gr
 _FLEX: dict[bool, object] = {}
 
 
+def kernel_options(m: int) -> dict | None:
+    """The fused kernel's tile sizes must divide the mask's block (one tile of m tokens): its
+    defaults (up to 128) do for tiles of a multiple of 128 tokens; smaller tiles (the quickstart's
+    16) get kernel tiles of the largest power of two dividing m, at least 16."""
+    if m % 128 == 0:
+        return None
+    size = m & -m  # largest power of two dividing m
+    if size < 16:
+        raise ValueError(f"sparse tiles of {m} tokens: the GPU kernel needs a multiple of 16")
+    return {k: min(size, 64) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+
+
 def flex_tile_attention(
     qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, idx: torch.Tensor, layout: TileLayout, compiled: bool = True
 ) -> torch.Tensor:
@@ -222,7 +237,7 @@ def flex_tile_attention(
     def seq(x: torch.Tensor) -> torch.Tensor:  # (B, n, m, H, D) -> (B, H, n m, D)
         return x.reshape(B, n * m, H, D).transpose(1, 2)
 
-    out = _FLEX[compiled](seq(qt), seq(kt), seq(vt), block_mask=mask)
+    out = _FLEX[compiled](seq(qt), seq(kt), seq(vt), block_mask=mask, kernel_options=kernel_options(m))
     return out.transpose(1, 2).reshape(B, n, m, H, D)
 
 

@@ -43,6 +43,10 @@ class NetSpec:
     """ControlConfig fields of the control branches (blocks, every, channels), over the preset's
     or `init_from`'s: a branch's size is chosen where it is trained. A saved network whose
     branches exist already keeps theirs (a different value is an error)."""
+    sparse: dict = field(default_factory=dict)
+    """Sparse self-attention (modules/nets/sparse.py SparseAttention fields: mode, tile, window,
+    keep) over the preset's or `init_from`'s network, e.g. a sparse student started from a dense
+    teacher: the same weights, only the attention changes. Empty: the network's own."""
 
 
 @dataclass

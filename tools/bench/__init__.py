@@ -49,6 +49,7 @@ def bench(
     context_parallel: int = 2,
     dmd2_shapes: str = "480p_93f",
     dmd2_checkpointing: str = "full",
+    sparse: str | None = None,
 ) -> list[dict]:
     """Time a control-training step and an inference forward of a preset, optionally against a peer.
 
@@ -127,6 +128,10 @@ def bench(
         dmd2_shapes: scale mode: the shapes of the DMD2 turns (the other parts use --shapes,
             default 720p_93f).
         dmd2_checkpointing: scale mode: the DMD2 networks' checkpointing (the dmd2 recipe's full).
+        sparse: generation mode: the student's sparse self-attention (the teacher stays dense):
+            none, tiles:TxHxW:WTxWHxWW (tile size in tokens, window in tiles) or topk:TxHxW:K
+            (tile size, key tiles kept), e.g. topk:4x4x8:110. net mode: the `sparse` key of
+            `variants` instead.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be net, data, generation, dmd2 or scale, got {mode!r}")
@@ -146,6 +151,7 @@ def bench(
         variants=variants,
         profile=profile,
         peak_tflops=peak_tflops,
+        sparse=sparse,
     )
     if mode == "scale":
         from tools.bench.scale import bench_scale

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from modules.dtypes import to_dtype
-from modules.nets import PEAK_TFLOPS, set_backend
+from modules.nets import PEAK_TFLOPS, SparseAttention, set_backend
 from modules.nets.dit import checkpoint_plan
 
 # latent grids (T, H, W) of the Wan2.1 tokenizer (4x8x8) for 93 frames
@@ -40,6 +40,7 @@ class Options:
     variants: str | None = None
     profile: str | None = None
     peak_tflops: float = PEAK_TFLOPS
+    sparse: str | None = None
 
     @property
     def torch_device(self) -> torch.device:
@@ -167,9 +168,32 @@ class Variant:
     """Timed runs (None: the bench's --steps)."""
     profile: bool = True
     """Profile a training step when the bench has --profile."""
+    sparse: str = "none"
+    """Sparse self-attention (`parse_sparse`): none, tiles:TILE:WINDOW or topk:TILE:KEEP."""
 
     def label(self) -> str:
-        return f"ckpt={self.checkpointing} attn={self.attention_backend} compile={int(self.compile)}"
+        label = f"ckpt={self.checkpointing} attn={self.attention_backend} compile={int(self.compile)}"
+        return label + (f" sparse={self.sparse}" if self.sparse != "none" else "")
+
+
+def parse_sparse(text: str | None) -> SparseAttention | None:
+    """`none` (dense), `tiles:TxHxW:WTxWHxWW` (tile size and window in tiles) or `topk:TxHxW:K`
+    (tile size and key tiles kept) -> the network's sparse attention config."""
+    if text in (None, "", "none"):
+        return None
+    parts = text.split(":")
+
+    def grid(value: str) -> tuple[int, int, int]:
+        return tuple(int(v) for v in value.split("x"))
+
+    try:
+        if len(parts) == 3 and parts[0] == "tiles":
+            return SparseAttention("tiles", grid(parts[1]), window=grid(parts[2]))
+        if len(parts) == 3 and parts[0] == "topk":
+            return SparseAttention("topk", grid(parts[1]), keep=int(parts[2]))
+    except ValueError as e:
+        raise ValueError(f"sparse {text!r}: {e}") from None
+    raise ValueError(f"sparse {text!r} is none, tiles:TxHxW:WTxWHxWW or topk:TxHxW:K (e.g. topk:4x4x8:110)")
 
 
 def parse_variants(spec: str | None, base: Variant) -> list[Variant]:
@@ -205,6 +229,7 @@ def plan_variants(opts: Options, infer: bool) -> list[Variant]:
         checkpoint_plan(v.checkpointing, 1)
         set_backend(v.attention_backend)
         parse_shapes(v.shapes or opts.shapes)
+        parse_sparse(v.sparse)
     return runs
 
 

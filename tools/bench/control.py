@@ -17,8 +17,18 @@ import torch.nn.functional as F
 
 from modules.denoiser import Cond, Denoiser
 from modules.nets import forward_flops, set_backend
+from modules.nets.dit import set_sparse
 from modules.parallel import set_checkpointing, set_compile
-from tools.bench.common import TEXT_TOKENS, Variant, free, make_inputs, out_of_memory, profile_table, timed_peak
+from tools.bench.common import (
+    TEXT_TOKENS,
+    Variant,
+    free,
+    make_inputs,
+    out_of_memory,
+    parse_sparse,
+    profile_table,
+    timed_peak,
+)
 
 
 class Ours:
@@ -35,6 +45,8 @@ class Ours:
         set_checkpointing(self.model, variant.checkpointing)
         set_compile(self.model, variant.compile)
         set_backend(variant.attention_backend)
+        self.sparse = parse_sparse(variant.sparse)
+        set_sparse(self.model, self.sparse)
         self.variant = variant.label()
         self.compiled = variant.compile
 
@@ -93,7 +105,11 @@ def measure_shape(impl, opt, cfg, shape, grid, device, steps, peak_tflops, infer
 
     train_s, train_mem = timed_peak(train_step, steps, device)
     infer_s, infer_mem = timed_peak(infer_fwd, steps, device) if infer else (None, None)
-    flops = forward_flops(cfg.dit.dim, tokens, cfg.dit.depth + cfg.control.blocks, TEXT_TOKENS)
+    sparse = getattr(impl, "sparse", None)
+    attended = (
+        sparse.kept_fraction((grid[0], grid[1] // cfg.dit.patch[1], grid[2] // cfg.dit.patch[2])) if sparse else 1
+    )
+    flops = forward_flops(cfg.dit.dim, tokens, cfg.dit.depth + cfg.control.blocks, TEXT_TOKENS, attended)
 
     def mfu(f: float, sec: float | None) -> float | None:
         return round(f / sec / (peak_tflops * 1e12), 3) if device.type == "cuda" and sec else None

@@ -24,10 +24,21 @@ import torch
 from modules.denoiser import Cond, Denoiser
 from modules.nets import NetConfig, set_backend
 from modules.nets import preset as net_preset
+from modules.nets.dit import set_sparse
 from modules.parallel import set_compile
 from modules.sampling import Sampler, SamplerConfig
 from modules.tokenizer import WanTokenizer, build_tokenizer
-from tools.bench.common import TEXT_TOKENS, Options, header, parse_shape, peak_gib, reset_peak, sig, timed
+from tools.bench.common import (
+    TEXT_TOKENS,
+    Options,
+    header,
+    parse_shape,
+    parse_sparse,
+    peak_gib,
+    reset_peak,
+    sig,
+    timed,
+)
 
 DECODERS = ("wan2.1", "pixel", "none")
 Decoder = tuple[Callable[[torch.Tensor], torch.Tensor] | None, int | None, int, int]
@@ -77,6 +88,7 @@ def bench_generation(opts: Options, gen: GenerationOptions) -> list[dict]:
         raise ValueError(f"unknown decode {gen.decode!r}; choose one of {', '.join(DECODERS)}")
     if gen.teacher_steps < 1 or gen.student_steps < 1 or opts.steps < 1:
         raise ValueError("teacher_steps, student_steps and steps must be >= 1")
+    parse_sparse(opts.sparse)  # refused before minutes of teacher sampling
     dev, dt = opts.torch_device, opts.torch_dtype
     decoder = make_decoder(gen.decode, dev, dt, gen.decode_channels_last, gen.decode_compile)
     sampler, cfg = build_sampler(opts, gen, decoder, dev, dt)
@@ -84,7 +96,7 @@ def bench_generation(opts: Options, gen: GenerationOptions) -> list[dict]:
     print(json.dumps(generation_header(opts, gen, cfg, configs, dev)), flush=True)
     rows = []
     for shape in opts.shapes.split(","):
-        rows += measure_shape(sampler, cfg, configs, decoder, shape, gen, opts.steps, dev, dt)
+        rows += measure_shape(sampler, cfg, configs, decoder, shape, gen, opts.steps, dev, dt, opts.sparse)
     print(format_table(rows))
     return rows
 
@@ -138,6 +150,7 @@ def generation_header(
         decode_channels_last=gen.decode_channels_last,
         decode_compile=gen.decode_compile,
         attention_backend=opts.attention_backend,
+        student_sparse=opts.sparse or "none",
         samplers={k: dataclasses.asdict(v) for k, v in configs.items()},
         config=dataclasses.asdict(cfg.dit),
         control=dataclasses.asdict(cfg.control),
@@ -154,8 +167,10 @@ def measure_shape(
     steps: int,
     dev: torch.device,
     dt: torch.dtype,
+    gen_sparse: str | None = None,
 ) -> list[dict]:
-    """Teacher and student rows of one shape, sampling the same noise and conditioning."""
+    """Teacher and student rows of one shape, sampling the same noise and conditioning; the
+    student with `gen_sparse` attention (`parse_sparse`), the teacher dense."""
     decode_fn, _, tf, sf = decoder
     T, H, W = parse_shape(shape)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -172,6 +187,7 @@ def measure_shape(
     video = f"{1 + tf * (T - 1)}x{H * sf}x{W * sf}" if decode_fn else None
     rows = []
     for impl, config in configs.items():
+        set_sparse(sampler.denoiser, parse_sparse(gen_sparse) if impl == "student" else None)
         run = functools.partial(sampler.sample, cond, noise, generator=g)
         denoise_s, decode_s, mem = measure_sampling(run, config, decode_fn, gen.decode_compile, steps, dev)
         nfe = network_calls(config)

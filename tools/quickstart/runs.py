@@ -11,7 +11,8 @@ DATA = RUNS / "data"  # the synthetic shards: train/ and val/
 SPECS = RUNS / "specs"  # held-out specs (*.jsonl) and their clips and shape masks (videos/)
 OUTPUTS = RUNS / "out"  # infer's outputs, one folder per compared model
 EVAL = RUNS / "eval"  # evaluate's metrics.json, metrics.md and metrics.svg
-TRAINED = ("base", "edge", "blur", "kd", "dmd2")  # the training stages, each under RUNS/<stage>
+# the training stages, each under RUNS/<stage>
+TRAINED = ("base", "edge", "blur", "kd", "dmd2", "kd_sparse", "dmd2_sparse")
 # the shipped network the base and edge stages are replaced by: the edge teacher (base + edge branch)
 SHIPPED = {"edge": "quickstart-edge"}
 
@@ -26,6 +27,15 @@ RUNS_TO_COMPARE = [
     ("dmd2", "DMD2 student (4 steps)", RUNS / "dmd2/consolidated/student", "edge.jsonl", ["--num-steps", 4]),
     ("dmd2_1step", "DMD2 student (1 step)", RUNS / "dmd2/consolidated/student", "edge.jsonl", ["--num-steps", 1]),
     ("teacher_edge_vis", "teacher, edge + vis (35 steps)", RUNS / "teacher_edge_vis", "edge_vis.jsonl", []),
+    (
+        "dmd2_sparse",
+        "DMD2 student, sparse attention (4 steps)",
+        RUNS / "dmd2_sparse/consolidated/student",
+        "edge.jsonl",
+        ["--num-steps", 4],
+    ),
 ]
+# the sparse student's attention (recipes/quickstart/kd_sparse.yaml), as the report says it
+SPARSE_SOURCE = "top-k tiles: 8 of 24 key tiles of 1x4x4 tokens per query tile, 1/3 of the keys"
 # the spec files make-specs writes: (file, controls, control weight)
 SPEC_FILES = [("edge.jsonl", "edge", 1.0), ("edge_off.jsonl", "edge", 0.0), ("edge_vis.jsonl", "edge,vis", 1.0)]

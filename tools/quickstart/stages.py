@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .report import write_report
-from .runs import DATA, EVAL, OUTPUTS, RUNS, RUNS_TO_COMPARE, SHIPPED, SPEC_FILES, SPECS
+from .runs import DATA, EVAL, OUTPUTS, RUNS, RUNS_TO_COMPARE, SHIPPED, SPARSE_SOURCE, SPEC_FILES, SPECS
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (a training stage's child process imports it)
 RECIPES = ROOT / "recipes" / "quickstart"
@@ -133,12 +133,36 @@ def fit_in_child(*args) -> None:
         raise StageFailed(f"`vidistill {' '.join(command[3:])}` exited with status {code} (its error is above)")
 
 
+# stages whose recipe is an overlay on another's (`vidistill fit --config BASE --config OVERLAY`)
+OVERLAYS = {"kd_sparse": "kd", "dmd2_sparse": "dmd2"}
+
+
+def overlaid(base: dict, overlay: dict) -> dict:
+    """`overlay`'s keys over `base`'s, mappings merged key by key and anything else (lists
+    included) replaced: how LightningCLI applies a second --config."""
+    out = dict(base)
+    for key, value in overlay.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = overlaid(out[key], value) if both else value
+    return out
+
+
+def recipe_of(stage: str) -> dict:
+    """The stage's recipe as `vidistill fit` reads it: an overlay merged over its base recipe."""
+    import yaml
+
+    recipe = yaml.safe_load((RECIPES / f"{stage}.yaml").read_text())
+    if stage in OVERLAYS:
+        recipe = overlaid(yaml.safe_load((RECIPES / f"{OVERLAYS[stage]}.yaml").read_text()), recipe)
+    return recipe
+
+
 def training_config(stage: str, steps: int, device: str, val_samples: int | None = None, seed: int = 0) -> Path:
     """The recipe with this run's budget and seed: max_steps, the LR schedule's length, when to
     validate and checkpoint, the seed of every draw. Written next to the runs, for the record."""
     import yaml
 
-    recipe = yaml.safe_load((RECIPES / f"{stage}.yaml").read_text())
+    recipe = recipe_of(stage)
     trainer, model = recipe["trainer"], recipe["model"]["init_args"]
     recipe["seed_everything"] = seed
     model.setdefault("options", {})["seed"] = seed
@@ -163,7 +187,9 @@ def training_config(stage: str, steps: int, device: str, val_samples: int | None
     path = Path("configs") / f"{stage}.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(
-        f"# recipes/quickstart/{stage}.yaml with the quickstart budget ({steps} steps)\n"
+        f"# recipes/quickstart/{stage}.yaml"
+        + (f" over {OVERLAYS[stage]}.yaml" if stage in OVERLAYS else "")
+        + f" with the quickstart budget ({steps} steps)\n"
         + yaml.safe_dump(recipe, sort_keys=False)
     )
     return path
@@ -230,8 +256,8 @@ def make_kd_data(b: Budget, seed: int) -> None:
     )
 
 
-def consolidate() -> None:
-    cli("consolidate", RUNS / "dmd2/checkpoints/last.ckpt", "--out", RUNS / "dmd2/consolidated")
+def consolidate(stage: str) -> None:
+    cli("consolidate", RUNS / stage / "checkpoints/last.ckpt", "--out", RUNS / stage / "consolidated")
 
 
 def combine() -> None:
@@ -272,6 +298,8 @@ def sources(state: dict) -> list[str]:
         f"DMD2 from the KD student, {made('dmd2')}",
         f"DMD2 from the KD student, {made('dmd2')}, sampled with 1 step",
         f"base and edge teacher ({teacher}) + blur branch {made('blur')}",
+        f"sparse attention ({SPARSE_SOURCE}): KD warmup from the teacher, {made('kd_sparse')}; "
+        f"DMD2 from it, {made('dmd2_sparse')}",
     ]
 
 
@@ -301,7 +329,10 @@ def stages(b: Budget, device: str, seed: int, from_scratch: bool, state: dict):
         ("kd_data", lambda: make_kd_data(b, seed), None),
         train("kd", b.kd_steps),
         train("dmd2", b.dmd2_turns),
-        ("consolidate", consolidate, RUNS / "dmd2/consolidated/student"),
+        ("consolidate", lambda: consolidate("dmd2"), RUNS / "dmd2/consolidated/student"),
+        train("kd_sparse", b.kd_steps),
+        train("dmd2_sparse", b.dmd2_turns),
+        ("consolidate_sparse", lambda: consolidate("dmd2_sparse"), RUNS / "dmd2_sparse/consolidated/student"),
         ("combine", combine, RUNS / "teacher_edge_vis/model.safetensors"),
         ("specs", lambda: make_specs(b, seed), None),
         ("infer", lambda: infer_all(device), None),
