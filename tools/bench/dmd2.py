@@ -48,6 +48,7 @@ import torch
 
 from modules.nets import preset as net_preset
 from modules.nets import set_backend
+from modules.nets.dit import set_sparse
 from modules.parallel import set_checkpointing, set_compile
 from tools.bench.common import (
     Grid,
@@ -57,6 +58,7 @@ from tools.bench.common import (
     header,
     out_of_memory,
     parse_shape,
+    parse_sparse,
     plan_variants,
     sig,
     stage_batch,
@@ -73,7 +75,7 @@ def bench_dmd2(opts: Options, student_trainable: str = "all") -> list[dict]:
     """Time the control step, a KD step, a DMD2 student turn and a critic turn per configuration
     and shape; print JSON rows and a table; return the rows (ratio = time / the control step's
     time in the same configuration and shape). `opts.variants`: tools.bench.common.parse_variants syntax; the
-    keys used are checkpointing, compile, attention_backend, shapes and steps."""
+    keys used are checkpointing, compile, attention_backend, shapes, steps and sparse (the student's)."""
     if opts.steps < 1:
         raise ValueError("steps must be >= 1")
     dev, dt = opts.torch_device, opts.torch_dtype
@@ -133,11 +135,14 @@ def measure_control_steps(
 
 
 def configure(nets, v: Variant) -> None:
-    """A configuration's checkpointing and compilation on every block of `nets`, and its attention backend."""
+    """A configuration's checkpointing and compilation on every block of `nets`, its attention
+    backend, and its sparse attention on the first network alone (the student: the teacher and
+    the fake score of a sparse student stay dense, as in the recipes)."""
     for net in nets:
         set_checkpointing(net, v.checkpointing)
         set_compile(net, v.compile)
     set_backend(v.attention_backend)
+    set_sparse(nets[0], parse_sparse(v.sparse))
 
 
 def measure_kd_steps(
