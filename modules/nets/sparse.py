@@ -132,10 +132,10 @@ def topk_tiles(qt: torch.Tensor, kt: torch.Tensor, valid: torch.Tensor, keep: in
     """(B, H, n, k) key tiles per query tile and head: the top `keep` of softmax-free pooled scores
     mean(q_tile) . mean(k_tile) / sqrt(d) (means over a tile's real cells), own tile always kept.
     qt, kt: (B, n, m, H, D) tiled queries and keys; valid (n, m)."""
-    w = valid.to(torch.float32)[None, :, :, None, None]
-    count = w.sum(2)
-    qm = (qt.float() * w).sum(2) / count  # (B, n, H, D)
-    km = (kt.float() * w).sum(2) / count
+    # padding cells are zeros (TileLayout.to_tiles): sums over a tile are sums over its real cells
+    count = valid.sum(1).to(torch.float32)[None, :, None, None]
+    qm = qt.sum(2, dtype=torch.float32) / count  # (B, n, H, D)
+    km = kt.sum(2, dtype=torch.float32) / count
     scores = torch.einsum("bnhd,bmhd->bhnm", qm, km) / math.sqrt(qt.shape[-1])
     n = scores.shape[-1]
     own = torch.eye(n, dtype=torch.bool, device=scores.device)
