@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .guard import owned, run_child
 from .report import write_report
 from .runs import DATA, EVAL, OUTPUTS, RUNS, RUNS_TO_COMPARE, SHIPPED, SPEC_FILES, SPECS
 
@@ -128,7 +128,7 @@ def fit_in_child(*args) -> None:
     imports)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "tools.cli", "fit", *map(str, args)]
-    code = subprocess.run(command, env=env).returncode
+    code = run_child(command, env)  # killed with this process: no orphan trains beside a rerun
     if code != 0:
         raise StageFailed(f"`vidistill {' '.join(command[3:])}` exited with status {code} (its error is above)")
 
@@ -345,7 +345,7 @@ def quickstart(
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"stages": {}}
     state.update(budget=asdict(b), device=device, machine=f"{platform.machine()}, {os.cpu_count()} cores")
     state.update(seed=seed, from_scratch=from_scratch)
-    with inside(root):
+    with owned(root), inside(root):  # one quickstart per OUT
         for name, run, artifact in stages(b, device, seed, from_scratch, state):
             if artifact is not None and Path(artifact).exists():
                 print(f"[quickstart] {name}: done already ({artifact})", flush=True)
