@@ -27,8 +27,9 @@ COMMANDS = {
     "quickstart": "tools.quickstart:quickstart",
 }
 
-# infer takes Cosmos's spellings too: -i / -o, dashed flags (--num-steps) and bare switches
-# (--disable-guardrails for --disable_guardrails true)
+# every subcommand but fit / validate takes dashed flags (--from-scratch, --num-steps) and bare
+# switches (--from-scratch for --from_scratch true), as the docs spell them; infer takes
+# Cosmos's short flags too (-i / -o)
 SHORT = {"infer": {"-i": "--input", "-o": "--output_dir"}}
 
 
@@ -59,8 +60,8 @@ def _gather(argv: list[str]) -> list[str]:
 
 
 def _cosmos_flags(argv: list[str]) -> list[str]:
-    """Rewrite Cosmos-style arguments of the subcommands in SHORT into jsonargparse's."""
-    if not argv or argv[0] not in SHORT:
+    """Rewrite dashed flags, bare switches and SHORT's flags into jsonargparse's spellings."""
+    if not argv or argv[0] not in COMMANDS:
         return argv
     import inspect
 
@@ -69,7 +70,7 @@ def _cosmos_flags(argv: list[str]) -> list[str]:
     out = [argv[0]]
     for i, arg in enumerate(argv[1:], start=1):
         flag, eq, value = arg.partition("=")
-        if flag in SHORT[argv[0]]:
+        if flag in SHORT.get(argv[0], {}):
             flag = SHORT[argv[0]][flag]
         elif flag.startswith("--"):
             flag = "--" + flag[2:].replace("-", "_")
