@@ -7,6 +7,7 @@ command line and `--help`. Modules are imported only when their subcommand runs,
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -90,6 +91,8 @@ TRAINING = ("fit", "validate")
 
 # what a user's own input can raise: reported in one line (VIDISTILL_DEBUG=1 shows the traceback)
 USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError)
+# what the machine refuses a write for (errno): said in one line, with the file, as the others
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def fit() -> None:
@@ -146,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("VIDISTILL_DEBUG"):
             raise
         _fail(command, err)
+    except OSError as err:
+        if err.errno not in DISK_ERRORS or os.environ.get("VIDISTILL_DEBUG"):
+            raise
+        _fail(command, ValueError(f"{err.strerror}: {err.filename}" if err.filename else err.strerror))
     _leave_process_group(exit_now=from_shell)
 
 

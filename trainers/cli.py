@@ -120,6 +120,7 @@ class VidistillCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_data(self.datamodule, ("train_shards", "val_shards"))
+        check_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"))
         make_interruptible(self.trainer)
         use_step_progress(self.trainer, self.config[self.subcommand].trainer.callbacks)
         if self.config_init[self.subcommand].get("ckpt_path") == "last" and not find_last(self.trainer):
@@ -127,6 +128,16 @@ class VidistillCLI(LightningCLI):
 
     def before_validate(self) -> None:
         check_data(self.datamodule, ("val_shards",))
+        check_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"))
+
+
+def check_ckpt_path(ckpt_path) -> None:
+    """A checkpoint named by path reads back whole, checked before the Trainer writes anything
+    (a truncated shard otherwise ends a run in an EOFError deep inside the load)."""
+    from modules.checkpoint import check_checkpoint
+
+    if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+        check_checkpoint(ckpt_path)
 
 
 def check_accelerator(accelerator) -> None:

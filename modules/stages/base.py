@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from datamodules.files import written
 from datamodules.seeds import mix_seed
 
 from ..checkpoint import checkpoint_path, save_atomic
@@ -531,8 +532,9 @@ class Stage(L.LightningModule):
             full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in ema.items()}
             state.update(full)
         if self.global_rank == 0:
-            model.save_pretrained(path, state)
-            self.generation_settings().save(path)
+            with written(path) as tmp:  # the directory appears whole (the quickstart's "done" mark)
+                model.save_pretrained(tmp, state)
+                self.generation_settings().save(tmp)
 
 
 def load_weights(model: Denoiser, path: str | Path) -> None:
