@@ -151,7 +151,7 @@ def test_dmd2_logs_student_losses_at_student_turns_only(tmp_path):
     assert "hp_metric" not in acc.Tags()["scalars"]
 
 
-def test_the_quickstart_checkpoints_every_50_steps_and_resumes(tmp_path, monkeypatch):
+def test_the_quickstart_checkpoints_every_50_steps_and_twice_per_stage(tmp_path, monkeypatch):
     import yaml
 
     from tools.quickstart import stages
@@ -159,7 +159,7 @@ def test_the_quickstart_checkpoints_every_50_steps_and_resumes(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     called = []
     monkeypatch.setattr(stages, "fit_in_child", lambda *args: called.append([str(a) for a in args]))
-    for steps, every in ((190, 50), (30, 30)):
+    for steps, every in ((190, 50), (100, 50), (50, 25), (30, 15), (20, 10), (3, 1), (1, 1)):
         config = yaml.safe_load(stages.training_config("base", steps, "cpu").read_text())
         checkpoint = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("AtomicCheckpoint"))
         assert checkpoint["init_args"]["every_n_train_steps"] == every and checkpoint["init_args"]["save_last"]

@@ -151,10 +151,10 @@ def training_config(stage: str, steps: int, device: str, val_samples: int | None
         recipe["data"]["init_args"]["val_samples"] = val_samples
     for cb in trainer.get("callbacks", []):
         if cb["class_path"].endswith(("ModelCheckpoint", "AtomicCheckpoint")):
-            # the recipe's periodic checkpoints (a rerun resumes from the latest; "last" is saved
-            # at the end too), at least one per stage
+            # the recipe's periodic checkpoints (every 50 steps), and at least two per stage, so
+            # a stage killed after its first save resumes from it ("last" is saved at the end too)
             every = cb["init_args"].get("every_n_train_steps") or steps
-            cb["init_args"]["every_n_train_steps"] = min(every, steps)
+            cb["init_args"]["every_n_train_steps"] = max(1, min(every, steps // 2))
     if "optim" in model:
         model["optim"]["total_steps"] = steps
     for key in ("optim", "student_optim", "critic_optim"):  # warm-up: at most a tenth of the budget
@@ -171,7 +171,7 @@ def training_config(stage: str, steps: int, device: str, val_samples: int | None
 
 def fit(stage: str, steps: int, device: str, val_samples: int | None = None, seed: int = 0) -> None:
     """`vidistill fit` of a quickstart recipe; an interrupted stage resumes from its latest
-    complete checkpoint (`--ckpt_path last`: the recipes save one every 50 steps)."""
+    complete checkpoint (`--ckpt_path last`: every 50 steps and at least twice per stage)."""
     config = training_config(stage, steps, device, val_samples, seed)
     resume = (RUNS / stage / "checkpoints").is_dir()
     fit_in_child("--config", config, *(["--ckpt_path", "last"] if resume else []))
