@@ -28,6 +28,7 @@ pay for it (seconds and hundreds of MB in a consolidate process).
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import math
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from datamodules.files import naming
 
 from .denoiser import Denoiser
 from .nets import NetConfig, preset
@@ -100,11 +103,34 @@ def save_atomic(trainer: L.Trainer, path: str | Path, weights_only: bool = False
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_checkpoint(tmp)  # a leftover of a save that was killed
     trainer.strategy.barrier("save_atomic:clean")
-    trainer.save_checkpoint(tmp, weights_only)  # ends with a barrier: every rank's shards are written
+    try:
+        trainer.save_checkpoint(tmp, weights_only)  # ends with a barrier: every rank's shards are written
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        full = disk_full(err, path.parent)
+        if full is None:
+            raise
+        if trainer.is_global_zero:
+            remove_checkpoint(tmp)  # give the disk back what the failed save took
+        raise naming(full, path) from None
     if trainer.is_global_zero:
         _commit(tmp, path)
     trainer.strategy.barrier("save_atomic:commit")
     return path
+
+
+def disk_full(err: BaseException, where: Path) -> OSError | None:
+    """The full-disk (or quota) error behind a failed save, else None: raised as it is, wrapped in
+    DCP's CheckpointException (one per failed rank), or torch.save's RuntimeError "file write
+    failed" (which keeps no errno: then the disk under `where` is looked at)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    errors = [pair[0] for pair in err.failures.values()] if isinstance(err, CheckpointException) else [err]
+    for e in errors:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if isinstance(e, RuntimeError) and "write failed" in str(e) and shutil.disk_usage(where).free < 2**20:
+            return OSError(errno.ENOSPC, "No space left on device")
+    return None
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -99,3 +99,14 @@ def test_a_truncated_checkpoint_is_named(ckpt, tmp_path, capsys, name, in_proces
     code, _ = fails(["fit", "--config", config, "--ckpt_path", broken], capsys)
     one_line(code, [str(broken / name), "truncated"])
     assert not (tmp_path / "out").exists() and not list((tmp_path / "run").rglob("version_*"))
+
+
+def test_a_checkpoint_save_on_a_full_disk_says_so(tmp_path, capsys, monkeypatch, in_process):  # noqa: F811
+    from torch.distributed.checkpoint import filesystem
+
+    monkeypatch.setattr(filesystem, "_write_item", full_disk)
+    data = video_shards(tmp_path / "data")
+    config = recipe("control", tmp_path / "run", data, teacher(tmp_path / "teacher"), steps=2, every=1)
+    code, _ = fails(["fit", "--config", config], capsys)
+    one_line(code, ["No space left on device", str(tmp_path / "run" / "ckpt" / "epoch=0-step=1.ckpt")])
+    assert not list((tmp_path / "run" / "ckpt").glob("*.partial"))

@@ -224,6 +224,24 @@ class Stage(L.LightningModule):
 
     # --- networks -----------------------------------------------------------------------------
 
+    def check_clip(self, frames: int, height: int, width: int) -> None:
+        """ValueError, before any network is built or file written, when clips of this size do not
+        encode to latents every network's patch divides (found otherwise in the first forward)."""
+        if self.tokenizer is None:
+            return
+        latent = self.tokenizer.latent_shape(frames, height, width)[1:]  # raises for the tokenizer
+        held = list(vars(self).values())  # a stage keeps its NetSpecs as attributes (DMD2: a dict of them)
+        held += [v for d in held if isinstance(d, dict) for v in d.values()]
+        for spec in (v for v in held if isinstance(v, NetSpec)):
+            patch = self.net_config(spec, []).dit.patch
+            if any(n % p for n, p in zip(latent, patch, strict=True)):
+                raise ValueError(
+                    f"clips of {frames}x{height}x{width} (frames x height x width) encode to latents of "
+                    f"{latent}, which the network's patch {tuple(patch)} does not divide: choose "
+                    f"a height and width that are multiples of "
+                    f"{patch[1] * self.tokenizer.spatial_factor}x{patch[2] * self.tokenizer.spatial_factor}"
+                )
+
     def net_config(self, spec: NetSpec, modalities: list[str]) -> NetConfig:
         """The NetConfig to build: from `init_from` if given, else the preset fitted to the tokenizer."""
         if spec.init_from:
