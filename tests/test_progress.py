@@ -177,3 +177,18 @@ def test_a_failed_training_stage_stops_the_quickstart_in_one_line(tmp_path, monk
         stages.fit_in_child("--config", "missing.yaml")
     err = capfd.readouterr().err  # the child's own error, passed through
     assert "error:" in err and "missing.yaml" in err
+
+
+def test_a_preempted_run_logs_the_step_it_stopped_after(tmp_path, monkeypatch):
+    """SIGUSR1 before step 4: step 4 finishes, its TensorBoard point is written, then the run stops."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = video_shards(tmp_path / "data")
+    cfg = recipe("control", tmp_path / "run", data, steps=6, every=100, trainer={"logger": None})
+    monkeypatch.setenv("VIDISTILL_SIGUSR1_AT_STEP", "3")
+    with pytest.raises(SystemExit) as stop:
+        fit("--config", cfg, "--trainer.log_every_n_steps", 1)
+    assert stop.value.code == 0 and (tmp_path / "run" / "ckpt" / "preempted-step=4.ckpt").is_dir()
+    acc = EventAccumulator(str(tmp_path / "run" / "lightning_logs" / "version_0"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [0, 1, 2, 3]
