@@ -21,7 +21,8 @@ STEPS = 4  # checkpoints at steps 2 and 4; the kill comes before step 3
 @pytest.fixture
 def quickstart_dir(tmp_path, monkeypatch):
     """The smoke budget's data and the shipped teacher, then a directory per run made from them;
-    each run's config records its losses (tests/helpers/faults.py) for the test to read."""
+    each run's config records its losses (tests/helpers/faults.py) for the test to read and
+    skips validation (its sample videos cost more than the steps)."""
     budget = replace(stages.SMOKE, blur_steps=STEPS)
     (tmp_path / "template").mkdir()
     monkeypatch.chdir(tmp_path / "template")
@@ -34,6 +35,7 @@ def quickstart_dir(tmp_path, monkeypatch):
         recipe = yaml.safe_load(path.read_text())
         faults = {"class_path": "tests.helpers.faults.Faults", "init_args": {"record": str(Path("losses.jsonl"))}}
         recipe["trainer"]["callbacks"].append(faults)
+        recipe["trainer"]["limit_val_batches"] = 0  # no validation (sample videos): resume is what is tested
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         return path
 
