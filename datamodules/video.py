@@ -249,10 +249,12 @@ class VideoDataModule(lightning.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_shards is not None:
             self._val_urls = expand_shards(self.val_shards)
 
-    def check_train_data(self) -> None:
+    def check_train_data(self, rank: int = 0, world: int = 1) -> None:
         """Probe the train shards now (cached, so setup's probe costs nothing more): ValueError in
-        one line when no sample is usable, before a Trainer has written anything."""
+        one line when no sample is usable, before a Trainer has written anything. `rank` of
+        `world` only orders the probe, as in setup (ranks sharing a cache split the work)."""
         if self.train_shards is not None:
+            self._rank, self._world = rank, world
             self._probe(expand_shards(self.train_shards))
 
     def _probe(self, urls: list[str]) -> Split:

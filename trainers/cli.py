@@ -133,6 +133,8 @@ class VidistillCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_data(self.datamodule, ("train_shards", "val_shards"))
+        if hasattr(self.datamodule, "check_train_data"):  # only broken samples: stop before any write
+            self.datamodule.check_train_data(self.trainer.global_rank, self.trainer.world_size)
         check_clip(self.model, self.datamodule)
         check_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"))
         make_interruptible(self.trainer)
@@ -213,8 +215,6 @@ def check_data(datamodule, attrs: tuple[str, ...]) -> None:
             expand_shards(spec)
         except (FileNotFoundError, ValueError) as err:
             raise type(err)(f"data.{attr}: {err}") from None
-    if "train_shards" in attrs and hasattr(datamodule, "check_train_data"):
-        datamodule.check_train_data()  # a folder of only broken samples stops here, not in setup
 
 
 def find_last(trainer: Trainer) -> bool:
