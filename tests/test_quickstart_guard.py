@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import PATIENCE_S
 from tools.quickstart.guard import Busy, owned
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +62,9 @@ def test_a_killed_quickstart_takes_its_child_along_and_a_second_is_refused(tmp_p
     out = tmp_path / "qs"
     first = quickstart(out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        child = wait_for(lambda: children(first.pid, "fit"), 300, "training child")[0]
+        child = wait_for(lambda: children(first.pid, "fit"), PATIENCE_S, "training child")[0]
         second = quickstart(out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _, err = second.communicate(timeout=300)
+        _, err = second.communicate(timeout=PATIENCE_S)
         assert second.returncode == 1, err
         assert err.strip().splitlines() == [
             f"vidistill quickstart: error: {out} is in use by another quickstart (PID {first.pid}, "
@@ -71,7 +72,7 @@ def test_a_killed_quickstart_takes_its_child_along_and_a_second_is_refused(tmp_p
         ]
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
-        wait_for(lambda: not alive(child), 10, "end of the orphaned child")
+        wait_for(lambda: not alive(child), 60, "end of the orphaned child")
     finally:
         first.kill()
         for pid in children(first.pid):
