@@ -22,10 +22,12 @@ column, so odd sizes are refused instead.
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +36,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from .files import written
 
 __all__ = [
     "CODECS",
@@ -332,7 +336,23 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, codec: 
     codec = codec or _SUFFIX_CODECS[suffix]
     if codec not in CODECS or CODECS[codec][0] != suffix:
         raise ValueError(f"codec {codec!r} does not write {suffix} files")
-    _write(os.fspath(path), frames, fps, codec)
+    with written(path) as tmp:  # under its final name only once complete
+        _write(os.fspath(tmp), frames, fps, codec)
+        _check_written(tmp, path)
+
+
+def _check_written(tmp: Path, path: str | os.PathLike) -> None:
+    """OpenCV's writer reports no failed write: on a full disk it leaves a truncated file. A
+    video that does not open again is refused, as "No space left on device" when its disk is
+    (nearly) full."""
+    capture = cv2.VideoCapture(os.fspath(tmp), cv2.CAP_FFMPEG)
+    opened = capture.isOpened()
+    capture.release()
+    if opened and tmp.stat().st_size > 0:
+        return
+    if shutil.disk_usage(tmp.parent).free < 2**20:
+        raise OSError(errno.ENOSPC, "No space left on device", os.fspath(path))
+    raise RuntimeError(f"{path}: OpenCV wrote a video that does not open again")
 
 
 def _write(path: str, frames: np.ndarray, fps: float, codec: str) -> None:

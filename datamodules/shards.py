@@ -125,6 +125,20 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike] | None) 
     return urls
 
 
+def check_tars(urls: Sequence[str]) -> None:
+    """ValueError naming the first local shard that is no tar (an empty or truncated file), so a
+    command reading them stops in one line before it writes anything."""
+    for url in urls:
+        if not _is_local(url):
+            continue
+        try:
+            with tarfile.open(url, "r:"):
+                pass
+        except (tarfile.TarError, OSError) as err:
+            size = os.path.getsize(url) if os.path.isfile(url) else 0
+            raise ValueError(f"{url}: not a readable tar file ({size} bytes: {err.args[0]})") from None
+
+
 def split_name(name: str) -> tuple[str, str] | None:
     """``(key, ext)`` of a tar member name, or None for names webdataset would skip."""
     if _META.match(name):

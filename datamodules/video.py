@@ -249,6 +249,14 @@ class VideoDataModule(lightning.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_shards is not None:
             self._val_urls = expand_shards(self.val_shards)
 
+    def check_train_data(self, rank: int = 0, world: int = 1) -> None:
+        """Probe the train shards now (cached, so setup's probe costs nothing more): ValueError in
+        one line when no sample is usable, before a Trainer has written anything. `rank` of
+        `world` only orders the probe, as in setup (ranks sharing a cache split the work)."""
+        if self.train_shards is not None:
+            self._rank, self._world = rank, world
+            self._probe(expand_shards(self.train_shards))
+
     def _probe(self, urls: list[str]) -> Split:
         """Probe every train sample (cached; see `datamodules.shards.probe_shards`): the split."""
         t0 = time.perf_counter()
@@ -272,7 +280,7 @@ class VideoDataModule(lightning.LightningDataModule):
         )
         examples = list(islice((f"{urls[s]}: {why}" for s, p in enumerate(probes) for why in p.bad.values()), 3))
         if split.total == 0:
-            raise RuntimeError(
+            raise ValueError(
                 f"no usable sample in the {len(urls)} train shards ({', '.join(urls[:3])}"
                 f"{', ...' if len(urls) > 3 else ''}): all {split.broken} are broken with these settings,"
                 f" e.g. {'; '.join(examples)}"

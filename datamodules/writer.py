@@ -26,6 +26,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .files import naming, write_text
+
 __all__ = [
     "INDEX",
     "SkipSample",
@@ -89,17 +91,26 @@ class TarOut:
         _add(self._tar, name, data)
 
     def commit(self) -> int:
-        """Finish the tar and move it under its final name; returns its size in bytes."""
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        """Finish the tar and move it under its final name; returns its size in bytes. A failed
+        finish (a full disk fails the tar's last blocks or the fsync) removes the `.tmp`."""
+        try:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except BaseException:
+            self.abort()
+            raise
         os.replace(self.tmp, self.path)
         return os.path.getsize(self.path)
 
     def abort(self) -> None:
-        self._tar.close()
-        self._file.close()
+        """Remove the `.tmp`, even when closing it fails (on a full disk it does)."""
+        for close in (self._tar.close, self._file.close):
+            try:
+                close()
+            except OSError:
+                pass
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
 
@@ -134,10 +145,7 @@ def write_index(out: str | os.PathLike, entries: Sequence[dict], **fields: Any) 
     """Write ``{out}/index.json`` atomically: ``{"shards", "total", **fields}``."""
     entries = sorted(entries, key=lambda e: e["name"])
     index = {"shards": list(entries), "total": sum(e["samples"] for e in entries), **fields}
-    path = Path(out) / INDEX
-    tmp = path.with_name(INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text(Path(out) / INDEX, json.dumps(index, indent=1) + "\n")
 
 
 def config_digest(*parts: Any) -> str:
@@ -302,6 +310,9 @@ def _write_plan(
             else:
                 writer.add_sample(key, members)
             bar.update(1)
+    except OSError as err:
+        writer.abort()
+        raise naming(err, path, writer.tmp) from err
     except BaseException:
         writer.abort()
         raise
@@ -311,7 +322,11 @@ def _write_plan(
             path.unlink()
         return None, shard_skips
     samples = writer.samples
-    return {"name": path.name, "samples": samples, "bytes": writer.commit()}, shard_skips
+    try:
+        size = writer.commit()
+    except OSError as err:
+        raise naming(err, path, writer.tmp) from err
+    return {"name": path.name, "samples": samples, "bytes": size}, shard_skips
 
 
 # --------------------------------------------------------------------------------------------

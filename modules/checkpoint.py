@@ -28,10 +28,12 @@ pay for it (seconds and hundreds of MB in a consolidate process).
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import math
 import os
+import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from datamodules.files import naming
 
 from .denoiser import Denoiser
 from .nets import NetConfig, SparseAttention, preset
@@ -99,11 +103,34 @@ def save_atomic(trainer: L.Trainer, path: str | Path, weights_only: bool = False
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_checkpoint(tmp)  # a leftover of a save that was killed
     trainer.strategy.barrier("save_atomic:clean")
-    trainer.save_checkpoint(tmp, weights_only)  # ends with a barrier: every rank's shards are written
+    try:
+        trainer.save_checkpoint(tmp, weights_only)  # ends with a barrier: every rank's shards are written
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        full = disk_full(err, path.parent)
+        if full is None:
+            raise
+        if trainer.is_global_zero:
+            remove_checkpoint(tmp)  # give the disk back what the failed save took
+        raise naming(full, path) from None
     if trainer.is_global_zero:
         _commit(tmp, path)
     trainer.strategy.barrier("save_atomic:commit")
     return path
+
+
+def disk_full(err: BaseException, where: Path) -> OSError | None:
+    """The full-disk (or quota) error behind a failed save, else None: raised as it is, wrapped in
+    DCP's CheckpointException (one per failed rank), or torch.save's RuntimeError "file write
+    failed" (which keeps no errno: then the disk under `where` is looked at)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    errors = [pair[0] for pair in err.failures.values()] if isinstance(err, CheckpointException) else [err]
+    for e in errors:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if isinstance(e, RuntimeError) and "write failed" in str(e) and shutil.disk_usage(where).free < 2**20:
+            return OSError(errno.ENOSPC, "No space left on device")
+    return None
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -172,17 +199,60 @@ def read_meta(path: Path) -> dict:
     """meta.pt (rank 0's non-tensor state) with weights_only=True; its classes become `Saved`."""
     if not path.is_file():
         return {}
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    stand_ins = [(type(name.rpartition(".")[2], (Saved,), {}), name) for name in names]
-    with torch.serialization.safe_globals(stand_ins):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stand_ins = [(type(name.rpartition(".")[2], (Saved,), {}), name) for name in names]
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise damaged(path, err) from None
+
+
+def damaged(path: Path, err: Exception) -> ValueError:
+    """The one-line error for a checkpoint file that does not read back (a copy or save that was
+    cut short: truncated, the commonest way)."""
+    why = str(err).split(".")[0] or type(err).__name__
+    return ValueError(f"{path}: truncated or damaged checkpoint file ({why}); use an earlier checkpoint")
+
+
+def read_metadata(path: Path):
+    """DCP's `.metadata` of the checkpoint directory `path`, every shard file checked to be as
+    long as the metadata says (a truncated `.distcp` is named, not found as an EOFError deep in
+    the load)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except (EOFError, pickle.UnpicklingError, AttributeError, ValueError) as err:
+        raise damaged(path / ".metadata", err) from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing (the checkpoint's metadata lists it)")
+        if file.stat().st_size < size:
+            raise ValueError(
+                f"{file}: truncated checkpoint file ({file.stat().st_size} bytes, its metadata needs {size}); "
+                "use an earlier checkpoint"
+            )
+    return metadata
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """A sharded checkpoint directory reads back whole (metadata, shard sizes, meta.pt): one line
+    naming the file otherwise. Checkpoint files of other kinds are left to their loader."""
+    path = Path(path)
+    if path.is_dir() and (path / ".metadata").exists():
+        read_metadata(path)
+        read_meta(path / "meta.pt")
 
 
 class Checkpoint:
     """What a sharded checkpoint directory holds, read from its metadata only (no tensor data)."""
 
     def __init__(self, path: str | Path):
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = Path(path)
@@ -198,7 +268,7 @@ class Checkpoint:
                 f"{self.path} is {what}; consolidate reads the checkpoint directories of "
                 "sharded (FSDP2/DCP) runs, holding .metadata and __<rank>_0.distcp files"
             )
-        self.metadata = FileSystemReader(str(self.path)).read_metadata()
+        self.metadata = read_metadata(self.path)
         self.tensors = {
             k[len(PREFIX) :]: md
             for k, md in self.metadata.state_dict_metadata.items()

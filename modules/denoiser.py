@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from datamodules.files import write_text, written
+
 from . import flow
 from .nets.control_branch import ControlBranch, mix_residuals
 from .nets.dit import DiT
@@ -181,9 +183,10 @@ class Denoiser(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(self.cfg_json())
+        write_text(path / "config.json", self.cfg_json())
         state = self.state_dict() if state is None else state
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "model.safetensors")
+        with written(path / "model.safetensors") as tmp:  # never a half-written one under its name
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
 
     def cfg_json(self) -> str:
         return json.dumps(self.cfg.to_dict(), indent=2)

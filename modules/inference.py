@@ -26,11 +26,14 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from datamodules.files import check_writable, written
 
 from .denoiser import Denoiser
 from .dtypes import to_dtype
@@ -213,13 +216,13 @@ def checked_specs(
         overrides={k: v for k, v in (overrides or {}).items() if v is not None},
         annotated=tuple(annotators or {}),
     )
+    total = len(specs) + len(failures)  # each spec once, whether it is refused below or not
     refused = refusals(specs, mode, guard)
     branches = Denoiser.config_from(model).modalities if model is not None else None
     for more in (missing_branches(specs, branches) if branches is not None else {}, undecodable(specs)):
         for name, reason in more.items():
             refused.setdefault(name, reason)
     failures += [f"spec {s.name!r} ({s.source}): {refused[s.name]}" for s in specs if s.name in refused]
-    total = len(specs) + len(failures)
     specs = [s for s in specs if s.name not in refused]
     if failures and not keep_going:
         raise SpecError(failures)
@@ -340,6 +343,18 @@ def build_pipeline(
     return pipe, ranks
 
 
+def output_dir(out_root: str | None, spec: Spec) -> Path:
+    """Where a spec's outputs go: `-o`, else the spec's own output_dir, else ./outputs."""
+    return Path(out_root) if out_root else spec.output_dir or Path("outputs")
+
+
+def check_outputs(out_root: str | None, specs: list[Spec]) -> None:
+    """Every output folder of the batch takes a file, before anything is generated (not after
+    minutes of generation, with every write failing)."""
+    for folder in sorted({output_dir(out_root, s) for s in specs}):
+        check_writable(folder, "output folder")
+
+
 class Outputs:
     """Writes each generated spec's outputs on background threads, so that encoding (WebM above
     all) runs beside the next spec's generation, at most WRITE_BEHIND videos behind; collects the
@@ -356,7 +371,7 @@ class Outputs:
         self.done = 0
 
     def out_dir(self, spec: Spec) -> Path:
-        return self.out_root or spec.output_dir or Path("outputs")
+        return output_dir(self.out_root and str(self.out_root), spec)
 
     def finished(self, spec: Spec) -> bool:
         return finished(spec, self.out_dir(spec), self.model, self.mode)
@@ -482,8 +497,6 @@ def write_outputs(job: Prepared, out: Path, model: str, mode: str, guard: Guardr
     reason from the video safety checks, else None."""
     import cv2
 
-    from datamodules.codec import write_video
-
     spec, inputs = job.spec, job.inputs
     t0 = time.perf_counter()
     video = guard.postprocess(job.video)
@@ -495,15 +508,35 @@ def write_outputs(job: Prepared, out: Path, model: str, mode: str, guard: Guardr
         h, w = (v - v % 2 for v in inputs.source_size)
         video = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in video])
     out.mkdir(parents=True, exist_ok=True)
-    name, fps = spec.name, inputs.fps
-    files = [f"{name}.mp4", f"{name}.webm"] + ([f"{name}.mkv"] if lossless else [])
-    for f in files:
-        write_video(out / f, video, fps, "vp8" if f.endswith(".webm") else None)
-    (out / f"{name}.txt").write_text(spec.prompt + "\n")
-    files.append(f"{name}.txt")
+    name = spec.name
+    with ExitStack() as stack:
+        # every file under a temporary name, renamed together once all are written, <name>.json
+        # last (entered first): a failed or killed write leaves no half-written output behind
+        json_tmp = stack.enter_context(written(out / f"{name}.json"))
+        files = _write_videos(stack, out, job, video, lossless, guard)
+        job.seconds["write"] = time.perf_counter() - t0
+        info = dict(run_info(spec, model, mode), **_details(job, video), guardrails=guard.enabled, outputs=files)
+        json_tmp.write_text(json.dumps(info, indent=2))
+    return None
+
+
+def _write_videos(stack: ExitStack, out: Path, job: Prepared, video: np.ndarray, lossless: bool, guard) -> list[str]:
+    """The video, prompt, controls and side-by-side, each to a temporary name held by `stack`;
+    returns their final names."""
+    from datamodules.codec import write_video
+
+    spec, inputs, fps, name = job.spec, job.inputs, job.inputs.fps, job.spec.name
+    files: list[str] = []
+
+    def tmp(file: str) -> Path:
+        files.append(file)
+        return stack.enter_context(written(out / file))
+
+    for f in [f"{name}.mp4", f"{name}.webm"] + ([f"{name}.mkv"] if lossless else []):
+        write_video(tmp(f), video, fps, "vp8" if f.endswith(".webm") else None)
+    tmp(f"{name}.txt").write_text(spec.prompt + "\n")
     for m, ctrl in inputs.controls.items():
-        write_video(out / f"{name}_control_{m}.mp4", ctrl[: len(job.video)], fps)
-        files.append(f"{name}_control_{m}.mp4")
+        write_video(tmp(f"{name}_control_{m}.mp4"), ctrl[: len(job.video)], fps)
     panels = []
     if spec.show_input and inputs.video is not None:
         panels.append(inputs.video)
@@ -513,25 +546,21 @@ def write_outputs(job: Prepared, out: Path, model: str, mode: str, guard: Guardr
         n = len(job.video)
         side = np.concatenate([np.asarray(p[:n]) for p in panels] + [guard.postprocess(job.video)], axis=2)
         for f in (f"{name}_compare.mp4", f"{name}_compare.webm"):
-            write_video(out / f, side, fps, "vp8" if f.endswith(".webm") else None)
-            files.append(f)
-    job.seconds["write"] = time.perf_counter() - t0
+            write_video(tmp(f), side, fps, "vp8" if f.endswith(".webm") else None)
+    return files
+
+
+def _details(job: Prepared, video: np.ndarray) -> dict:
+    """What the JSON records besides the spec: sampler, NFE, sizes, per-phase seconds."""
     chunks = len(job.plan.starts)
-    info = dict(
-        run_info(spec, model, mode),
+    return dict(
         sampler=asdict(job.sampler),
         nfe=nfe(job.sampler) * chunks,
         chunks=chunks,
         frames=len(video),
-        fps=fps,
-        height=inputs.height,
-        width=inputs.width,
+        fps=job.inputs.fps,
+        height=job.inputs.height,
+        width=job.inputs.width,
         seconds=dict(job.seconds, generate=sum(v for k, v in job.seconds.items() if k != "write")),
-        guardrails=guard.enabled,
         rank=int(os.environ.get("RANK", 0)),
-        outputs=files,
     )
-    tmp = out / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(out / f"{name}.json")
-    return None

@@ -11,13 +11,15 @@ Two encoder kinds, chosen from the checkpoint's config:
   ``full_concat`` strategy.
 
 Prompts are padded or truncated to exactly ``max_length`` tokens so every batch has the same
-shape, and the returned boolean mask marks the real tokens. Nothing here downloads:
+shape, and the returned boolean mask marks the real tokens; the first prompt that is cut is
+logged (once per encoder) with its length and the limit. Nothing here downloads:
 checkpoints load from local directories only, and :meth:`TextEncoder.tiny` builds the
 embedded default encoder from a config and a seed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +29,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from datamodules.formats import load_text, save_text
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ByteTokenizer",
@@ -128,6 +132,7 @@ class TextEncoder(nn.Module):
         self.max_length = max_length
         self.normalize_layers = normalize_layers
         self.zero_pad = zero_pad
+        self._warned_long = False  # an over-long prompt is said once per encoder, not per batch
         if getattr(tokenizer, "pad_token_id", None) is None:
             # Decoder LLM tokenizers often have no pad token; EOS is the usual stand-in.
             if getattr(tokenizer, "eos_token", None) is None:
@@ -256,7 +261,29 @@ class TextEncoder(nn.Module):
             max_length=self.max_length,
             return_tensors="pt",
         )
-        return out["input_ids"], out["attention_mask"].bool()
+        mask = out["attention_mask"].bool()
+        if not self._warned_long and mask[:, -1].any():  # a prompt fills every position: cut?
+            self._warn_long(prompts, mask[:, -1])
+        return out["input_ids"], mask
+
+    def _warn_long(self, prompts: Sequence[str], full: Tensor) -> None:
+        """Say, once, that a prompt was truncated to max_length tokens (it was silently)."""
+        for prompt in (p for p, f in zip(prompts, full.tolist(), strict=True) if f):
+            if isinstance(self.tokenizer, ByteTokenizer):
+                n = len(prompt.encode("utf-8")) + 1  # its bytes and the EOS
+            else:
+                n = len(self.tokenizer(prompt, truncation=False)["input_ids"])
+            if n > self.max_length:
+                log.warning(
+                    "a prompt of %d tokens (%d characters) is longer than the text encoder's max_length "
+                    "(%d): only its first %d tokens are used (said once)",
+                    n,
+                    len(prompt),
+                    self.max_length,
+                    self.max_length,
+                )
+                self._warned_long = True
+                return
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str] | str) -> tuple[Tensor, Tensor]:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from modules.checkpoint import Checkpoint, network_config, read_meta
 from modules.denoiser import Cond, Denoiser
 from modules.sampling import Sampler, SamplerConfig
+from tests.helpers import PATIENCE_S
 from tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def start(code: str, *args: str) -> subprocess.Popen:
 
 def peak_rss(proc: subprocess.Popen) -> int:
     """Wait for a `start`ed process; its peak RSS in bytes."""
-    out, _ = proc.communicate(timeout=600)
+    out, _ = proc.communicate(timeout=PATIENCE_S)
     peak = [line.split()[1] for line in out.splitlines() if line.startswith("VmHWM")]
     assert proc.returncode == 0 and peak, out[-3000:]
     return int(peak[-1]) * 1024
@@ -91,7 +92,7 @@ def run(tmp_path_factory):
         "--steps=2",
         f"--ckpt_dir={tmp / 'ckpt'}",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=PATIENCE_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = next((tmp / "ckpt").glob("*step=2*"))
     rss = peak_rss(

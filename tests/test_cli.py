@@ -94,3 +94,29 @@ def test_bench_smoke_on_cpu(capsys, monkeypatch):
     assert re.search(
         rf"2x4x4 \[ckpt=full attn=auto compile=0\]: vs diffusers compiled: train {ratio}, inference {ratio}$", out, re.M
     )
+
+
+def test_the_spellings_the_docs_show_work(tmp_path, monkeypatch):
+    """Dashed flags and bare switches (`--from-scratch`, `--keep-going`) on every subcommand but
+    fit / validate (LightningCLI's), as the README spells them."""
+    import functools
+    import inspect
+    import re
+    from pathlib import Path
+
+    import tools.quickstart
+    from tools.cli import COMMANDS, _load
+
+    called = []
+    original = tools.quickstart.quickstart
+    monkeypatch.setattr(tools.quickstart, "quickstart", functools.wraps(original)(lambda **kw: called.append(kw)))
+    for argv, scratch in (([], False), (["--from-scratch"], True), (["--from-scratch", "false"], False)):
+        main(["quickstart", "--out", str(tmp_path), *argv, "--budget", "smoke"])
+        assert called.pop()["from_scratch"] is scratch, argv
+    main(["quickstart", "--budget", "smoke", "--from-scratch"])  # a switch last
+    assert called.pop()["from_scratch"] is True
+    # every dashed flag the README shows on a `vidistill` command names an argument of it
+    docs = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for command, flag in re.findall(r"vidistill ([a-z-]+)[^\n`]*?--([a-z]+(?:-[a-z]+)+)", docs):
+        if command in COMMANDS:
+            assert flag.replace("-", "_") in inspect.signature(_load(COMMANDS[command])).parameters, (command, flag)

@@ -181,7 +181,7 @@ def test_broken_samples_are_skipped_and_counted(tmp_path):
 
 def test_only_broken_samples_stop_at_setup(tmp_path):
     shards = write_shards(tmp_path, "bad", [3], lambda k, i, f: {"mp4": b"not a video"})
-    with pytest.raises(RuntimeError, match="bad-000000.tar.*all 3 are broken"):
+    with pytest.raises(ValueError, match="bad-000000.tar.*all 3 are broken"):
         make_dm(shards, batch_size=1)
 
 

@@ -151,7 +151,9 @@ def test_keep_going_runs_the_valid_specs(model, clips, tmp_path, capsys):
         "guidance": 0,
         "edge": {},
     }
-    lines = [json.dumps(good), json.dumps(dict(good, name="bad", guidance=9))]
+    (clips / "broken.mp4").write_bytes(b"not a video")
+    refused = [dict(good, name="nobranch", seg={}), dict(good, name="broken", video_path="broken.mp4")]
+    lines = [json.dumps(spec) for spec in [good, dict(good, name="bad", guidance=9), *refused]]
     out = tmp_path / "out"
     code = run_infer(
         "-i",
@@ -165,7 +167,46 @@ def test_keep_going_runs_the_valid_specs(model, clips, tmp_path, capsys):
     )
     assert code == 1
     assert (out / "ok.json").is_file() and not (out / "bad.json").exists()
-    assert "bad" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bad" in err and "nobranch" in err and "broken" in err
+    assert "infer: 1 of 4 spec(s) generated" in err  # each spec counted once, refused or not
+
+
+def test_an_unwritable_output_folder_is_refused_before_generating(model, clips, tmp_path, monkeypatch):
+    from modules.pipeline import Pipeline
+
+    monkeypatch.setattr(Pipeline, "run", lambda *a: pytest.fail("generated before checking the output folder"))
+    (tmp_path / "file").write_text("")
+    code = run_infer("-i", _write(clips, MULTICONTROL), "-o", tmp_path / "file" / "out", "--model", model)
+    assert str(code).splitlines() == [
+        f"vidistill infer: error: output folder {tmp_path / 'file' / 'out'} cannot be written: Not a directory"
+    ]
+
+
+def test_a_full_disk_leaves_no_output_under_its_final_name(model, clips, tmp_path, monkeypatch, capsys):
+    """The disk fills up while the lossless copy is written: the spec fails naming the file and
+    "No space left on device", and no output of it (nor a temporary file) is left behind."""
+    import errno
+
+    from datamodules import codec
+
+    real, calls = codec._write, []
+
+    def fill_up(path, frames, *args):
+        calls.append(path)
+        if path.endswith(".mkv"):
+            Path(path).write_bytes(b"half a video")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, frames, *args)
+
+    monkeypatch.setattr(codec, "_write", fill_up)
+    out = tmp_path / "out"
+    code = run_infer(
+        "-i", _write(clips, MULTICONTROL), "-o", out, "--model", model, "--disable-guardrails", "--lossless"
+    )
+    assert code == 1 and len(calls) == 3
+    assert f"No space left on device: '{out / 'multi.mkv'}'" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
 
 
 def test_long_video_chunks_and_reused_latents_equal_the_round_trip(model, clips):

@@ -15,6 +15,7 @@ from datamodules.codec import decode_video
 from modules.pipeline import Pipeline, build_sampler, placement_slots, run_placed
 from modules.sampling import GenerationSettings
 from modules.spec import load_specs
+from tests.helpers import PATIENCE_S
 from tests.helpers.infer import ROOT, free_port, long_spec, make_clips, make_model, run_infer
 from tests.helpers.infer import write_spec as _write
 
@@ -119,7 +120,7 @@ def test_batch_over_two_gloo_ranks_writes_every_output_once(model, clips, tmp_pa
                 text=True,
             )
         )
-    errs = [p.communicate(timeout=240)[1] for p in procs]
+    errs = [p.communicate(timeout=PATIENCE_S)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errs
     infos = {f.stem: json.loads(f.read_text()) for f in out.glob("s*.json")}
     assert sorted(infos) == ["s0", "s1", "s2"]
@@ -230,7 +231,7 @@ def test_context_parallel_infer_equals_one_process_and_writes_once(model, clips,
         cmd = [sys.executable, "-c", RECORD_PHASES, str(log), "infer", *common, "-o", str(tmp_path / "cp")]
         cmd += ["--context-parallel", "2"]
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True))
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    errs = [p.communicate(timeout=PATIENCE_S)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errs
     assert "2 of 2 spec(s) generated" in errs[0]
     events = sorted(log.read_text().split("\n")[:-1])

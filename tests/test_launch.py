@@ -20,15 +20,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import PATIENCE_S
 from tests.helpers.faults import losses_by_step, read_record
 from tests.helpers.reliability import recipe, video_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(sysconfig.get_path("scripts"))  # the console scripts (vidistill, fabric) as installed
 STEPS, EVERY, KILL = 6, 2, 3
-TIMEOUT = 90  # seconds a collective waits: a rank stuck on a dead or diverged peer fails with a traceback
+# seconds a collective waits: a rank stuck on a dead or diverged peer fails with a traceback (it
+# was 90, which a rank of a loaded 2-core machine can take to reach a collective its peer is in)
 STRATEGY = {
-    "strategy": {"class_path": "trainers.strategy.FSDP2Strategy", "init_args": {"collective_timeout_s": TIMEOUT}}
+    "strategy": {"class_path": "trainers.strategy.FSDP2Strategy", "init_args": {"collective_timeout_s": PATIENCE_S}}
 }
 
 
@@ -85,7 +87,7 @@ def tails(logs: list[Path], chars: int = 3000) -> str:
     return "\n".join(f"--- {log.name} (end) ---\n{log.read_text()[-chars:]}" for log in logs)
 
 
-def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> None:
+def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = PATIENCE_S) -> None:
     """Wait for every launcher to exit with status 0; on a failure or after `timeout` seconds,
     kill them all and fail with the end of every log."""
     deadline = time.monotonic() + timeout
@@ -143,13 +145,13 @@ def test_two_nodes_killed_and_resumed_equal_one_node(shards, tmp_path):
             env["VIDISTILL_KILL_AT_STEP"] = str(KILL)
         nodes.append(start(["bash", "recipes/launch/torchrun.sh", str(two)], logs[r], env))
     try:
-        assert nodes[1].wait(300) != 0, tails(logs)
+        assert nodes[1].wait(PATIENCE_S) != 0, tails(logs)
     except subprocess.TimeoutExpired:
         kill_all(nodes)
-        pytest.fail(f"node 1 was not killed within 300 s:\n{tails(logs)}")
+        pytest.fail(f"node 1 was not killed within {PATIENCE_S} s:\n{tails(logs)}")
     assert f"FAULT: SIGKILL before step {KILL + 1}" in logs[1].read_text()
-    try:  # node 0's next collective fails on the closed connection (or times out)
-        nodes[0].wait(2 * TIMEOUT)
+    try:  # node 0's next collective fails on the closed connection; if it waits on, it is killed
+        nodes[0].wait(60)
     except subprocess.TimeoutExpired:
         pass
     kill_all(nodes)  # its worker too, should it still be there: nothing of this run may outlive it

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from modules.checkpoint import checkpoint_step, latest_checkpoint
+from tests.helpers import PATIENCE_S
 from tests.helpers.faults import read_record
 from tests.helpers.reliability import SIZE, recipe, teacher, video_shards
 from tests.helpers.zygote import Zygote
@@ -27,7 +28,7 @@ def zygote():
         yield z
 
 
-def fit2(zygote, cfg: Path, env: dict | None = None, timeout: float = 240) -> list[tuple[int, str]]:
+def fit2(zygote, cfg: Path, env: dict | None = None, timeout: float = PATIENCE_S) -> list[tuple[int, str]]:
     """`vidistill fit` on 2 gloo ranks (TorchElastic's environment, as torchrun sets it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -201,7 +202,7 @@ def test_broken_samples_are_skipped_counted_and_logged_on_one_shard_for_two_rank
             "log_every_n_steps": 1,
         },
     )
-    results = fit2(zygote, cfg, timeout=180)
+    results = fit2(zygote, cfg)
     for rc, out in results:
         assert rc == 0, out
     assert all(len(read_record(str(tmp_path / "run" / "losses.jsonl"), r)) == 3 for r in (0, 1))

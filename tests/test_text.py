@@ -203,3 +203,16 @@ def test_save_load_and_as_text_condition(tmp_path):
         as_text_condition((emb, mask[:, :3]))
     with pytest.raises(TypeError):
         as_text_condition(3)
+
+
+def test_an_over_long_prompt_is_said_once_with_its_length_and_the_limit(caplog):
+    encoder = TextEncoder.tiny(max_length=16)
+    with caplog.at_level("WARNING", logger="modules.text"):
+        encoder.encode(["x" * 15])  # 15 bytes + EOS: exactly the limit, nothing cut
+        assert not caplog.records
+        encoder.encode(["short", "y" * 100_000])
+        encoder.encode(["z" * 50_000])
+    assert [r.getMessage() for r in caplog.records] == [
+        "a prompt of 100001 tokens (100000 characters) is longer than the text encoder's max_length (16): "
+        "only its first 16 tokens are used (said once)"
+    ]

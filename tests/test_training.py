@@ -12,6 +12,7 @@ import torch
 from modules.parallel import ShardingConfig
 from modules.stages.base import NetSpec, StageOptions, TextSpec
 from modules.stages.control_training import ControlTraining
+from tests.helpers import PATIENCE_S
 from tests.helpers.latents import sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def run(out: Path, nproc: int = 1, **kw) -> list[dict]:
             "tests.helpers.train_worker",
             *args,
         ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=PATIENCE_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)]
 

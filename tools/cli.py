@@ -7,6 +7,7 @@ command line and `--help`. Modules are imported only when their subcommand runs,
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -27,8 +28,9 @@ COMMANDS = {
     "quickstart": "tools.quickstart:quickstart",
 }
 
-# infer takes Cosmos's spellings too: -i / -o, dashed flags (--num-steps) and bare switches
-# (--disable-guardrails for --disable_guardrails true)
+# every subcommand but fit / validate takes dashed flags (--from-scratch, --num-steps) and bare
+# switches (--from-scratch for --from_scratch true), as the docs spell them; infer takes
+# Cosmos's short flags too (-i / -o)
 SHORT = {"infer": {"-i": "--input", "-o": "--output_dir"}}
 
 
@@ -59,8 +61,8 @@ def _gather(argv: list[str]) -> list[str]:
 
 
 def _cosmos_flags(argv: list[str]) -> list[str]:
-    """Rewrite Cosmos-style arguments of the subcommands in SHORT into jsonargparse's."""
-    if not argv or argv[0] not in SHORT:
+    """Rewrite dashed flags, bare switches and SHORT's flags into jsonargparse's spellings."""
+    if not argv or argv[0] not in COMMANDS:
         return argv
     import inspect
 
@@ -69,7 +71,7 @@ def _cosmos_flags(argv: list[str]) -> list[str]:
     out = [argv[0]]
     for i, arg in enumerate(argv[1:], start=1):
         flag, eq, value = arg.partition("=")
-        if flag in SHORT[argv[0]]:
+        if flag in SHORT.get(argv[0], {}):
             flag = SHORT[argv[0]][flag]
         elif flag.startswith("--"):
             flag = "--" + flag[2:].replace("-", "_")
@@ -89,6 +91,8 @@ TRAINING = ("fit", "validate")
 
 # what a user's own input can raise: reported in one line (VIDISTILL_DEBUG=1 shows the traceback)
 USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError)
+# what the machine refuses a write for (errno): said in one line, with the file, as the others
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def fit() -> None:
@@ -145,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("VIDISTILL_DEBUG"):
             raise
         _fail(command, err)
+    except OSError as err:
+        if err.errno not in DISK_ERRORS or os.environ.get("VIDISTILL_DEBUG"):
+            raise
+        _fail(command, ValueError(f"{err.strerror}: {err.filename}" if err.filename else err.strerror))
     _leave_process_group(exit_now=from_shell)
 
 

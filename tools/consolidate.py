@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def consolidate(ckpt: str, *, out: str, networks: list[str] | None = None, dtype: str | None = None) -> None:
+def consolidate(
+    ckpt: str, *, out: str, networks: list[str] | None = None, dtype: str | None = None, overwrite: bool = False
+) -> None:
     """Export the networks of a sharded training checkpoint as Denoiser directories.
 
     Writes OUT/<network>/ (config.json + model.safetensors, loadable with Denoiser.from_pretrained)
@@ -22,22 +24,31 @@ def consolidate(ckpt: str, *, out: str, networks: list[str] | None = None, dtype
         out: output directory; one sub-directory per network.
         networks: networks to export (default: all, plus ema when present).
         dtype: cast floating tensors to bf16, fp16 or fp32 (default: as stored).
+        overwrite: replace an OUT that holds files (refused otherwise). OUT is written under a
+            temporary name and renamed when every network is written.
     """
     from tqdm import tqdm
 
+    from datamodules.files import written
     from modules.checkpoint import Checkpoint, export
     from modules.dtypes import to_dtype
 
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"--out {target} is a file; consolidate writes a directory there")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {target} already holds files; pass --overwrite true to replace them")
     cast = None if dtype is None else to_dtype(dtype, "--dtype")
     source = Checkpoint(ckpt)
     chosen = source.choose(networks)
     step = source.meta.get("global_step")
     bar = tqdm(chosen, desc="consolidate", unit="network", disable=len(chosen) < 2 or None)
-    for name in bar:
-        bar.set_postfix_str(name)
-        done = export(source, name, Path(out) / name, cast)
-        tqdm.write(
-            f"{done.path}: {done.tensors} tensors, {done.nbytes / 2**20:.1f} MiB"
-            + (f" (EMA of {done.ema_of})" if done.ema_of else "")
-            + (f", step {step}" if step is not None else "")
-        )
+    with written(target) as tmp:
+        for name in bar:
+            bar.set_postfix_str(name)
+            done = export(source, name, tmp / name, cast)
+            tqdm.write(
+                f"{target / name}: {done.tensors} tensors, {done.nbytes / 2**20:.1f} MiB"
+                + (f" (EMA of {done.ema_of})" if done.ema_of else "")
+                + (f", step {step}" if step is not None else "")
+            )

@@ -120,6 +120,7 @@ def infer(
     specs, failures, total = inference.checked_specs(
         input, mode, guard, keep_going=keep_going, overrides=overrides, annotators=annotators, model=model
     )
+    inference.check_outputs(output_dir, specs)  # every rank, so that all of them stop
 
     devices, dt = inference.place(device, placement, dtype, ranks)
     pipe, ranks = inference.build_pipeline(

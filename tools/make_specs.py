@@ -51,8 +51,9 @@ def make_specs(
     import webdataset as wds
 
     from datamodules.codec import probe
+    from datamodules.files import write_bytes, write_text
     from datamodules.seeds import mix_seed
-    from datamodules.shards import expand_shards
+    from datamodules.shards import check_tars, expand_shards
     from datamodules.synthetic import SHAPES_MEMBER
     from modules.spec import MODALITY_NAMES
 
@@ -61,8 +62,8 @@ def make_specs(
     if unknown:
         raise ValueError(f"unknown control(s) {unknown}; choose from {', '.join(MODALITY_NAMES)}")
     urls = expand_shards(shards)
+    check_tars(urls)  # before anything is written
     root = Path(out)
-    (root / "videos").mkdir(parents=True, exist_ok=True)
     lines = []
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         if num is not None and len(lines) >= num:
@@ -70,10 +71,10 @@ def make_specs(
         key = sample["__key__"].replace("/", "_")
         if "mp4" not in sample:
             continue
-        video = root / "videos" / f"{key}.mp4"
-        video.write_bytes(sample["mp4"])
+        (root / "videos").mkdir(parents=True, exist_ok=True)
+        write_bytes(root / "videos" / f"{key}.mp4", sample["mp4"])
         if SHAPES_MEMBER in sample:
-            (root / "videos" / f"{key}.shapes.npy").write_bytes(sample[SHAPES_MEMBER])
+            write_bytes(root / "videos" / f"{key}.shapes.npy", sample[SHAPES_MEMBER])
         caption = sample["txt"].decode() if "txt" in sample else json.loads(sample["json"])["caption"]
         info = probe(sample["mp4"])
         spec = {
@@ -90,12 +91,12 @@ def make_specs(
             stored = MODALITY_NAMES[k] + ".mp4"
             if stored in sample and k not in ("edge", "vis"):
                 path = root / "videos" / f"{key}.{stored}"
-                path.write_bytes(sample[stored])
+                write_bytes(path, sample[stored])
                 block["control_path"] = f"videos/{path.name}"
             spec[k] = block
         lines.append(json.dumps(spec))
     if not lines:
         raise ValueError(f"{shards}: no clips with an mp4 found")
-    (root / file).write_text("\n".join(lines) + "\n")
+    write_text(root / file, "\n".join(lines) + "\n")
     print(f"wrote {root / file}: {len(lines)} spec(s)")
     return root / file

@@ -397,6 +397,10 @@ class Preemption(L.Callback):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if not flag.item():
             return
+        # this step's metrics to the loggers first: Lightning sends them after the batch-end hooks
+        # return, which this one never does (the last TensorBoard point before the signal was lost)
+        trainer._logger_connector.on_batch_end()
+        trainer._logger_connector.update_train_step_metrics()
         for logger in trainer.loggers:
             logger.finalize("finished")
         path = save_atomic(trainer, checkpoint_path(trainer, f"preempted-step={trainer.global_step}"))

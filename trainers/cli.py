@@ -29,7 +29,7 @@ class VidistillParser(LightningArgumentParser):
     names the wrong key only) and leave out the usage listing every option (`--help` has it)."""
 
     def error(self, message: str, ex: Exception | None = None):
-        message = suggest_keys(self, message, getattr(ex, "subcommand_parser", None))
+        message = one_line(suggest_keys(self, message, getattr(ex, "subcommand_parser", None)))
         target = getattr(ex, "subcommand_parser", None) or self
         target.print_usage = lambda file=None: None  # the parser is about to exit
         return super().error(message, ex)
@@ -51,6 +51,19 @@ def suggest_keys(parser, message: str, subparser=None) -> str:
         if hints:
             lines[i] += " (did you mean " + " or ".join(f"'{h}'" for h in hints) + "?)"
     return "\n".join(lines)
+
+
+def one_line(message: str) -> str:
+    """A misspelt key of a class (model, data, a callback) in one line: its group, the class and
+    the suggestion, without jsonargparse's dump of the union's subtypes and the given value."""
+    lines = message.splitlines()
+    hints = [line.strip() for line in lines if "(did you mean" in line]
+    if len(lines) < 2 or not hints:
+        return message
+    group = re.search(r'Parser key "([\w.]+)"', message)
+    owner = re.search(r"class_path '([\w.]+)'", message)
+    where = ": ".join(m.group(1) for m in (group, owner) if m)
+    return (f"{where}: " if where else "") + "; ".join(hints)
 
 
 def _unknown_keys(line: str) -> list[str]:
@@ -120,6 +133,10 @@ class VidistillCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_data(self.datamodule, ("train_shards", "val_shards"))
+        if hasattr(self.datamodule, "check_train_data"):  # only broken samples: stop before any write
+            self.datamodule.check_train_data(self.trainer.global_rank, self.trainer.world_size)
+        check_clip(self.model, self.datamodule)
+        check_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"))
         make_interruptible(self.trainer)
         use_step_progress(self.trainer, self.config[self.subcommand].trainer.callbacks)
         if self.config_init[self.subcommand].get("ckpt_path") == "last" and not find_last(self.trainer):
@@ -127,6 +144,25 @@ class VidistillCLI(LightningCLI):
 
     def before_validate(self) -> None:
         check_data(self.datamodule, ("val_shards",))
+        check_clip(self.model, self.datamodule)
+        check_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"))
+
+
+def check_clip(model, datamodule) -> None:
+    """The data's clip size fits the stage's tokenizer and patch, before the Trainer writes
+    anything (a misfit is otherwise found in the first forward, after setup)."""
+    size = [getattr(datamodule, "hparams", {}).get(k) for k in ("num_frames", "height", "width")]
+    if None not in size and hasattr(model, "check_clip") and not datamodule.hparams.get("use_latents"):
+        model.check_clip(*size)
+
+
+def check_ckpt_path(ckpt_path) -> None:
+    """A checkpoint named by path reads back whole, checked before the Trainer writes anything
+    (a truncated shard otherwise ends a run in an EOFError deep inside the load)."""
+    from modules.checkpoint import check_checkpoint
+
+    if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+        check_checkpoint(ckpt_path)
 
 
 def check_accelerator(accelerator) -> None:

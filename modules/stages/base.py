@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from datamodules.files import written
 from datamodules.seeds import mix_seed
 
 from ..checkpoint import checkpoint_path, save_atomic
@@ -226,6 +227,24 @@ class Stage(L.LightningModule):
         self.text_encoder = build_text_encoder(options.text.encoder, options.text.max_length)
 
     # --- networks -----------------------------------------------------------------------------
+
+    def check_clip(self, frames: int, height: int, width: int) -> None:
+        """ValueError, before any network is built or file written, when clips of this size do not
+        encode to latents every network's patch divides (found otherwise in the first forward)."""
+        if self.tokenizer is None:
+            return
+        latent = self.tokenizer.latent_shape(frames, height, width)[1:]  # raises for the tokenizer
+        held = list(vars(self).values())  # a stage keeps its NetSpecs as attributes (DMD2: a dict of them)
+        held += [v for d in held if isinstance(d, dict) for v in d.values()]
+        for spec in (v for v in held if isinstance(v, NetSpec)):
+            patch = self.net_config(spec, []).dit.patch
+            if any(n % p for n, p in zip(latent, patch, strict=True)):
+                raise ValueError(
+                    f"clips of {frames}x{height}x{width} (frames x height x width) encode to latents of "
+                    f"{latent}, which the network's patch {tuple(patch)} does not divide: choose "
+                    f"a height and width that are multiples of "
+                    f"{patch[1] * self.tokenizer.spatial_factor}x{patch[2] * self.tokenizer.spatial_factor}"
+                )
 
     def net_config(self, spec: NetSpec, modalities: list[str]) -> NetConfig:
         """The NetConfig to build: from `init_from` if given, else the preset fitted to the tokenizer."""
@@ -537,8 +556,9 @@ class Stage(L.LightningModule):
             full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in ema.items()}
             state.update(full)
         if self.global_rank == 0:
-            model.save_pretrained(path, state)
-            self.generation_settings().save(path)
+            with written(path) as tmp:  # the directory appears whole (the quickstart's "done" mark)
+                model.save_pretrained(tmp, state)
+                self.generation_settings().save(tmp)
 
 
 def load_weights(model: Denoiser, path: str | Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from modules.stages.base import OPTIONS
+from tests.helpers import PATIENCE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMES, SIZE = 4, 16
@@ -189,7 +190,9 @@ def recipe(
     return path
 
 
-def fit(config: Path, *args: str, nproc: int = 1, env: dict | None = None, timeout: int = 300, popen: bool = False):
+def fit(
+    config: Path, *args: str, nproc: int = 1, env: dict | None = None, timeout: int = PATIENCE_S, popen: bool = False
+):
     """Run `vidistill fit --config CONFIG ARGS` in a subprocess (torchrun for nproc > 1)."""
     cli = ["-m", "tools.cli", "fit", "--config", str(config), *args]
     if nproc > 1:

@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.helpers import PATIENCE_S
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,7 +36,7 @@ class Run:
     def done(self) -> bool:
         return Path(f"{self.log}.rc").is_file()
 
-    def wait(self, timeout: float = 300) -> int:
+    def wait(self, timeout: float = PATIENCE_S) -> int:
         end = time.monotonic() + timeout
         rc = Path(f"{self.log}.rc")
         while not rc.is_file():
@@ -75,13 +77,13 @@ class Zygote:
         self.proc.stdin.flush()
         return Run(int(self.proc.stdout.readline()), Path(log))
 
-    def run(self, argv, log, env=None, timeout: float = 300) -> tuple[int, str]:
+    def run(self, argv, log, env=None, timeout: float = PATIENCE_S) -> tuple[int, str]:
         r = self.start(argv, log, env)
         return r.wait(timeout), r.output()
 
     def close(self) -> None:
         self.proc.stdin.close()
-        self.proc.wait(30)
+        self.proc.wait(PATIENCE_S)
 
     def __enter__(self):
         return self

@@ -9,8 +9,8 @@ subcommand a cluster user runs (a training run in a child process) with the quic
 (recipes/quickstart/*.yaml) and only the budget changed (steps, clip counts), written to
 OUT/configs/<stage>.yaml so nothing is hidden. Everything lands under OUT (the recipes' relative
 paths resolve there). A rerun skips finished stages and resumes an interrupted training stage from
-its latest checkpoint (saved every 50 steps). `--device cuda` on a machine without CUDA is refused
-before anything is written.
+its latest checkpoint (saved every 50 steps and at least twice per stage). `--device cuda` on a
+machine without CUDA is refused before anything is written.
 
 Parts: `stages` (the budgets, the stages and `quickstart` itself), `runs` (where each stage's
 output lands and the models compared, read by both the stages and the report), `report` (the

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .guard import owned, run_child
 from .report import write_report
 from .runs import DATA, EVAL, OUTPUTS, RUNS, RUNS_TO_COMPARE, SHIPPED, SPARSE_SOURCE, SPEC_FILES, SPECS
 
@@ -128,7 +128,7 @@ def fit_in_child(*args) -> None:
     imports)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "tools.cli", "fit", *map(str, args)]
-    code = subprocess.run(command, env=env).returncode
+    code = run_child(command, env)  # killed with this process: no orphan trains beside a rerun
     if code != 0:
         raise StageFailed(f"`vidistill {' '.join(command[3:])}` exited with status {code} (its error is above)")
 
@@ -175,10 +175,10 @@ def training_config(stage: str, steps: int, device: str, val_samples: int | None
         recipe["data"]["init_args"]["val_samples"] = val_samples
     for cb in trainer.get("callbacks", []):
         if cb["class_path"].endswith(("ModelCheckpoint", "AtomicCheckpoint")):
-            # the recipe's periodic checkpoints (a rerun resumes from the latest; "last" is saved
-            # at the end too), at least one per stage
+            # the recipe's periodic checkpoints (every 50 steps), and at least two per stage, so
+            # a stage killed after its first save resumes from it ("last" is saved at the end too)
             every = cb["init_args"].get("every_n_train_steps") or steps
-            cb["init_args"]["every_n_train_steps"] = min(every, steps)
+            cb["init_args"]["every_n_train_steps"] = max(1, min(every, steps // 2))
     if "optim" in model:
         model["optim"]["total_steps"] = steps
     for key in ("optim", "student_optim", "critic_optim"):  # warm-up: at most a tenth of the budget
@@ -197,7 +197,7 @@ def training_config(stage: str, steps: int, device: str, val_samples: int | None
 
 def fit(stage: str, steps: int, device: str, val_samples: int | None = None, seed: int = 0) -> None:
     """`vidistill fit` of a quickstart recipe; an interrupted stage resumes from its latest
-    complete checkpoint (`--ckpt_path last`: the recipes save one every 50 steps)."""
+    complete checkpoint (`--ckpt_path last`: every 50 steps and at least twice per stage)."""
     config = training_config(stage, steps, device, val_samples, seed)
     resume = (RUNS / stage / "checkpoints").is_dir()
     fit_in_child("--config", config, *(["--ckpt_path", "last"] if resume else []))
@@ -376,7 +376,7 @@ def quickstart(
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"stages": {}}
     state.update(budget=asdict(b), device=device, machine=f"{platform.machine()}, {os.cpu_count()} cores")
     state.update(seed=seed, from_scratch=from_scratch)
-    with inside(root):
+    with owned(root), inside(root):  # one quickstart per OUT
         for name, run, artifact in stages(b, device, seed, from_scratch, state):
             if artifact is not None and Path(artifact).exists():
                 print(f"[quickstart] {name}: done already ({artifact})", flush=True)
