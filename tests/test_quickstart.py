@@ -83,7 +83,9 @@ def test_every_metric_is_finite(run):
         "DMD2 student (4 steps)",
         "DMD2 student (1 step)",
         "teacher, edge + vis (35 steps)",
+        "DMD2 student, sparse attention (4 steps)",
     ]
+    assert "1/3 of the keys" in metrics["runs"][-1]["source"]  # the report says how sparse
     for r in metrics["runs"]:
         scores = [r[k] for k in ("shape_iou", "psnr", "edge_f1")] + [r[f"{k}_std"] for k in ("shape_iou", "psnr")]
         values = scores + [r["nfe"], r["seconds"], r["speedup"]] + ([r["blur_ssim"]] if "blur_ssim" in r else [])
