@@ -36,6 +36,14 @@ def dense(q, k, v, mask=None):
     return out.transpose(1, 2)
 
 
+def assert_same_and_same_gradients(out, ref, inputs) -> None:
+    """out equals ref, and so do the gradients of a loss of each with respect to the inputs."""
+    torch.testing.assert_close(out, ref, **TOL)
+    grads = torch.autograd.grad(out.square().sum(), inputs, retain_graph=True)
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), inputs)):
+        torch.testing.assert_close(g, r, **TOL)
+
+
 def token_mask(idx, layout: TileLayout, B: int, H: int) -> torch.Tensor:
     """(B, H, S, S) bool in grid order: query token i may attend key token j when j's tile is kept
     for i's tile. Built from tile numbers of each grid position, independently of to_tiles."""
@@ -57,11 +65,7 @@ def test_every_tile_kept_equals_dense_sdpa(grid, tile, mode):
     assert cfg.kept_fraction(grid) == 1.0
     out = sparse_attention(q, k, v, cfg, grid)
     ref = dense(q, k, v)
-    torch.testing.assert_close(out, ref, **TOL)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, **TOL)
+    assert_same_and_same_gradients(out, ref, (q, k, v))
 
 
 @pytest.mark.parametrize("grid,tile", GRIDS)
@@ -76,12 +80,8 @@ def test_sparse_equals_masked_dense_attention_and_its_gradients(grid, tile, mode
         idx = select_tiles(cfg, layout, layout.to_tiles(q), layout.to_tiles(k))
     out = sparse_attention(q, k, v, cfg, grid)
     ref = dense(q, k, v, token_mask(idx, layout, 2, 3))
-    torch.testing.assert_close(out, ref, **TOL)
     assert not torch.allclose(out, dense(q, k, v), atol=1e-3)  # it is sparse
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, **TOL)
+    assert_same_and_same_gradients(out, ref, (q, k, v))
 
 
 @pytest.mark.parametrize("grid,tile", GRIDS)
