@@ -15,7 +15,12 @@ RECIPES = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "recipes
 # recipes of a tool rather than of a training stage: the subcommand that reads them
 TOOLS = {"kd_data.yaml": "make-kd-data"}
 # overlays, which go on the command line after the recipe named here
-OVERLAYS = {"fit-latent.yaml": str(Path(__file__).resolve().parents[1] / "recipes/transfer2.5-2b/edge/control.yaml")}
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes/quickstart"
+OVERLAYS = {
+    "fit-latent.yaml": str(Path(__file__).resolve().parents[1] / "recipes/transfer2.5-2b/edge/control.yaml"),
+    "kd_sparse.yaml": str(QUICKSTART / "kd.yaml"),
+    "dmd2_sparse.yaml": str(QUICKSTART / "dmd2.yaml"),
+}
 
 
 def printed(capsys, config: str, overlay: bool = True) -> str:
