@@ -92,7 +92,8 @@ def test_every_metric_is_finite(run):
         assert all(math.isfinite(v) for v in values), r
         assert "trained in this run" in r["source"], r  # --from-scratch: no shipped network
     assert [r["nfe"] for r in metrics["runs"]] == [35, 35, 4, 4, 1, 35, 4]
-    assert "blur_ssim" in metrics["runs"][-1]  # the edge + vis teacher
+    by_label = {r["label"]: r for r in metrics["runs"]}
+    assert "blur_ssim" in by_label["teacher, edge + vis (35 steps)"]
 
 
 def test_the_consolidated_student_is_the_trained_one(run):
