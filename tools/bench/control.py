@@ -105,7 +105,7 @@ def measure_shape(impl, opt, cfg, shape, grid, device, steps, peak_tflops, infer
 
     train_s, train_mem = timed_peak(train_step, steps, device)
     infer_s, infer_mem = timed_peak(infer_fwd, steps, device) if infer else (None, None)
-    sparse = getattr(impl, "sparse", None)
+    sparse = impl.sparse
     attended = (
         sparse.kept_fraction((grid[0], grid[1] // cfg.dit.patch[1], grid[2] // cfg.dit.patch[2])) if sparse else 1
     )

@@ -31,6 +31,7 @@ PEER_RECOMPILE_LIMIT = 64
 
 class Diffusers:
     name = "diffusers"
+    sparse = None  # the peer attends densely
 
     def __init__(self, cfg, device, dtype, checkpointing: bool):
         from diffusers import CosmosControlNetModel, CosmosTransformer3DModel
