@@ -2,13 +2,14 @@
 controls recomputed the way infer made them (the resolved spec in `<name>.json`) and the video
 scored against them (Edge F1 for an edge control, Blur SSIM against the input video for a vis
 control), and against ground truth where a reference folder has it (PSNR against `<name>.mp4`,
-shape IoU against `<name>.shapes.npy`); per run, means over clips with standard deviations; the
-markdown table and the SVG bar chart of the result."""
+shape IoU against `<name>.shapes.npy`, colour match against both); per run, means over clips
+with standard deviations; the markdown table and the SVG bar chart of the result."""
 
 from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 from statistics import mean, stdev
 
@@ -32,19 +33,21 @@ def load_generated(run: Path, info: dict) -> np.ndarray:
 
 
 # the measures averaged over clips, each with its standard deviation (`<key>_std`)
-SCORES = ("shape_iou", "psnr", "edge_f1", "blur_ssim")
+SCORES = ("shape_iou", "colour_match", "psnr", "edge_f1", "blur_ssim")
 
 
 def score_reference(video: np.ndarray, name: str, reference: Path) -> dict:
     """PSNR against `reference/<name>.mp4` and shape IoU against `reference/<name>.shapes.npy`,
-    each where the file exists, over the frames both have."""
+    each where the file exists, and colour match where both do, over the frames they have.
+    Colour match is None for a clip whose masks are empty (no shape, so no colour to match)."""
     import cv2
 
     from datamodules.codec import decode_video
-    from datamodules.metrics import psnr, shape_iou
+    from datamodules.metrics import colour_match, psnr, shape_iou
     from datamodules.synthetic import load_shapes
 
     row = {}
+    truth = shapes = None
     clip = reference / f"{name}.mp4"
     if clip.is_file():
         truth, _ = decode_video(clip.read_bytes())
@@ -59,6 +62,10 @@ def score_reference(video: np.ndarray, name: str, reference: Path) -> dict:
             raise ValueError(f"{masks}: masks {shapes.shape[1:]} are not the video's size {video.shape[1:3]}")
         n = min(len(video), len(shapes))
         row["shape_iou"] = shape_iou(video[:n], shapes[:n])
+    if truth is not None and shapes is not None:
+        n = min(len(video), len(truth), len(shapes))
+        match = colour_match(video[:n], truth[:n], shapes[:n])
+        row["colour_match"] = None if math.isnan(match) else match  # metrics.json stays strict JSON
     return row
 
 
@@ -95,7 +102,8 @@ def summarise(label: str, run: Path, rows: list[dict]) -> dict:
     """A run's means over clips (and the standard deviation of each score) of its per-clip rows."""
     summary = {"label": label, "dir": str(run), "videos": len(rows)}
     for key in (*SCORES, "nfe", "seconds", "denoise_s"):
-        values = [r[key] for r in rows if r.get(key) is not None]
+        # None or NaN: the clip has no such score (e.g. colour match of a clip without shapes)
+        values = [r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
         if values:
             summary[key] = mean(values)
             if key in SCORES:
@@ -149,11 +157,11 @@ def _mean_std(r: dict, key: str, digits: int = 3) -> str:
 
 
 def markdown(results: dict) -> str:
-    """The table of means ± standard deviations over clips; shape IoU and PSNR only when some run
-    was scored against ground truth."""
+    """The table of means ± standard deviations over clips; shape IoU, colour match and PSNR only
+    when some run was scored against ground truth that has them."""
     runs, ref = results["runs"], results["runs"][0]["label"]
-    truth = [k for k in ("shape_iou", "psnr") if any(k in r for r in runs)]
-    names = {"shape_iou": "shape IoU", "psnr": "PSNR (dB)"}
+    truth = [k for k in ("shape_iou", "colour_match", "psnr") if any(k in r for r in runs)]
+    names = {"shape_iou": "shape IoU", "colour_match": "colour match", "psnr": "PSNR (dB)"}
     head = [names[k] for k in truth] + [f"Edge F1 (tol {results['tolerance']} px)", "Blur SSIM"]
     lines = [
         f"| model | videos | {' | '.join(head)} | NFE | seconds | speed-up vs {ref} |",
@@ -169,17 +177,20 @@ def markdown(results: dict) -> str:
 
 
 def svg_chart(results: dict) -> str:
-    """Grouped bars: shape IoU, Edge F1 and Blur SSIM per model (0..1), NFE and speed-up as labels."""
+    """Grouped bars: shape IoU, colour match, Edge F1 and Blur SSIM per model (0..1), each where
+    some run has it; NFE and speed-up as labels."""
     runs = results["runs"]
     metrics = [
         ("shape_iou", "shape IoU", "#2ca25f"),
+        ("colour_match", "colour match", "#c2408f"),
         ("edge_f1", "Edge F1", "#3b7dd8"),
         ("blur_ssim", "Blur SSIM", "#e08a2c"),
     ]
     metrics = [m for m in metrics if any(m[0] in r for r in runs)]
     bar, gap, top, plot_h = 28, 44, 30, 180
     group = bar * max(len(metrics), 1) + gap
-    width = 60 + group * len(runs) + 20
+    # wide enough for the legend too (90 px an entry), which outgrows one or two runs' bars
+    width = max(60 + group * len(runs) + 20, 60 + 90 * len(metrics))
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + plot_h + 85}" '
         'font-family="sans-serif" font-size="11">'

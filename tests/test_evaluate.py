@@ -1,5 +1,5 @@
-"""`vidistill evaluate` against ground truth: PSNR and shape IoU per clip from `--reference`, means
-with standard deviations over clips, and where each model came from."""
+"""`vidistill evaluate` against ground truth: PSNR, shape IoU and colour match per clip from
+`--reference`, means with standard deviations over clips, and where each model came from."""
 
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ import pytest
 from datamodules.codec import encode_video
 from datamodules.metrics import colour_match, psnr, shape_iou
 from datamodules.synthetic import SHAPE_COLOURS, shapes_bytes, synthetic_clip
+from modules.evaluation import summarise
 from modules.spec import parse_spec
 from tools.cli import main
 
 H, W = 32, 48
 
 
-def square(x0: int, frames: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def square(x0: int, frames: int = 2, colour: str = "red") -> tuple[np.ndarray, np.ndarray]:
     video = np.full((frames, H, W, 3), 25, np.uint8)
-    video[:, 10:22, x0 : x0 + 12] = (230, 30, 30)
+    video[:, 10:22, x0 : x0 + 12] = SHAPE_COLOURS[colour]
     return video, video.max(-1) > 40
 
 
@@ -73,6 +74,8 @@ def test_reference_scores_psnr_and_shape_iou_with_spread(tmp_path, capsys):
     assert shifted["psnr"] == pytest.approx(psnr(square(12)[0], square(6)[0]))
     assert shifted["source"] == "trained here: 5 steps" and exact["source"] == "shipped"
     assert {"edge_f1", "edge_f1_std", "psnr_std"} <= set(shifted)
+    # half of each true square is drawn, in its colour; the other half is floor
+    assert exact["colour_match"] == 1.0 and shifted["colour_match"] == 0.5 and shifted["colour_match_std"] == 0.0
     table = (tmp_path / "eval/metrics.md").read_text()
     assert "shape IoU" in table and "0.333 ± 0.000" in table
 
@@ -148,3 +151,47 @@ def test_synthetic_clips_are_drawn_in_the_colours_their_captions_name():
             assert colour_match(flat, frames, shapes) < 0.06, (seed, other, caption)
     # measured: 0.942 to 1 (mean 0.971); the rest are rim pixels half mixed with the floor
     assert min(matches) > 0.94 and np.mean(matches) > 0.97, matches
+
+
+def test_colour_match_in_the_table_and_a_dash_without_shape_masks(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, x0 in enumerate((6, 20)):
+        video, shapes = square(x0)
+        (ref / f"c{i}.mp4").write_bytes(encode_video(video, 8.0, "ffv1"))
+        (ref / f"c{i}.shapes.npy").write_bytes(shapes_bytes(shapes))
+    (ref / "bare.mp4").write_bytes(encode_video(square(6)[0], 8.0, "ffv1"))  # a reference without masks
+    for i, (x0, colour) in enumerate(((6, "red"), (20, "blue"))):
+        fake_run(tmp_path / "mixed", f"c{i}", square(x0, colour=colour)[0], ref / f"c{i}.mp4")
+    fake_run(tmp_path / "bare", "bare", square(6)[0], ref / "bare.mp4")
+    out = tmp_path / "eval"
+    main(["evaluate", str(tmp_path / "mixed"), str(tmp_path / "bare"), "--reference", str(ref), "--out", str(out)])
+    mixed, bare = json.loads((out / "metrics.json").read_text())["runs"]
+    assert [r["colour_match"] for r in mixed["rows"]] == [1.0, 0.0]  # right colour, then blue for red
+    assert mixed["colour_match"] == 0.5 and mixed["colour_match_std"] == pytest.approx(math.sqrt(0.5))
+    assert "colour_match" not in bare and "colour_match" not in bare["rows"][0] and bare["psnr"] == 100.0
+    header, _, mixed_row, bare_row = (out / "metrics.md").read_text().splitlines()
+    columns = [c.strip() for c in header.split("|")]
+    assert columns[columns.index("shape IoU") + 1] == "colour match"
+    at = columns.index("colour match")
+    assert mixed_row.split("|")[at].strip() == "0.500 ± 0.707" and bare_row.split("|")[at].strip() == "–"
+    assert "colour match" in (out / "metrics.svg").read_text()
+
+
+def test_a_clip_without_shapes_has_no_colour_to_match(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, x0 in enumerate((6, None)):
+        video, shapes = (
+            square(x0) if x0 is not None else (np.full((2, H, W, 3), 25, np.uint8), np.zeros((2, H, W), bool))
+        )
+        (ref / f"c{i}.mp4").write_bytes(encode_video(video, 8.0, "ffv1"))
+        (ref / f"c{i}.shapes.npy").write_bytes(shapes_bytes(shapes))
+        fake_run(tmp_path / "a", f"c{i}", video, ref / f"c{i}.mp4")
+    main(["evaluate", str(tmp_path / "a"), "--reference", str(ref), "--out", str(tmp_path / "eval")])
+    (run,) = json.loads((tmp_path / "eval/metrics.json").read_text(), parse_constant=pytest.fail)["runs"]
+    assert [r["colour_match"] for r in run["rows"]] == [1.0, None]
+    assert run["colour_match"] == 1.0 and run["colour_match_std"] == 0.0  # the mean of the one clip with shapes
+    # colour_match's own NaN is left out too, as None is
+    rows = [{"colour_match": float("nan")}, {"colour_match": 0.25}, {"colour_match": 0.75}]
+    assert summarise("x", tmp_path, rows)["colour_match"] == 0.5
