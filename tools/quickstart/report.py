@@ -132,14 +132,15 @@ def metrics_table(metrics: dict) -> str:
         return f"{r[key]:.{digits}f}{spread}"
 
     table = [
-        "<tr><th>model</th><th>where it came from</th><th>shape IoU</th><th>PSNR (dB)</th>"
+        "<tr><th>model</th><th>where it came from</th><th>shape IoU</th><th>colour match</th><th>PSNR (dB)</th>"
         "<th>Edge F1 (1 px)</th><th>Blur SSIM</th><th>NFE</th><th>s / video</th>"
         f"<th>speed-up vs {html.escape(metrics['runs'][0]['label'])}</th></tr>"
     ]
     for r in metrics["runs"]:
         table.append(
             f"<tr><td>{html.escape(r['label'])}</td><td>{html.escape(r.get('source', ''))}</td>"
-            f"<td>{cell(r, 'shape_iou')}</td><td>{cell(r, 'psnr', 2)}</td><td>{cell(r, 'edge_f1')}</td>"
+            f"<td>{cell(r, 'shape_iou')}</td><td>{cell(r, 'colour_match')}</td><td>{cell(r, 'psnr', 2)}</td>"
+            f"<td>{cell(r, 'edge_f1')}</td>"
             f"<td>{cell(r, 'blur_ssim')}</td><td>{r.get('nfe', 0):.0f}</td>"
             f"<td>{r.get('seconds', 0):.2f}</td><td>{r['speedup']:.2f}x</td></tr>"
         )
@@ -185,7 +186,8 @@ video {{ image-rendering: pixelated; display: block; }} .charts svg {{ margin-ri
 the teacher's trajectories (KD data), a 4-step student warmed up on them (KD) and distilled with DMD2,
 then every model run by <code>vidistill infer</code> on {len(specs)} held-out clips and scored by
 <code>vidistill evaluate</code> against the clips' ground truth (shape IoU against the shapes the
-generator drew; PSNR against the clip) and against the edge control (Edge F1). The control-free base
+generator drew; colour match, the share of those shapes' pixels drawn bright in the colour the
+caption names, read off the clip; PSNR against the clip) and against the edge control (Edge F1). The control-free base
 is the teacher with its edge branch at weight 0: the same prompts and seeds without the control.
 Seed {state.get("seed", 0)}; budget: <code>{html.escape(json.dumps(state["budget"]))}</code>;
 device {html.escape(state["device"])} ({html.escape(state["machine"])}).</p>
