@@ -8,8 +8,10 @@ Each argument is an infer output directory (one model); the scoring is modules/e
 For every generated spec it recomputes the controls the way infer made them (the resolved spec in
 `<name>.json`) and scores the video against them: Edge F1 for an edge control, Blur SSIM against
 the input video for a vis (blur) control. With `--reference DIR`, clips that have ground truth
-there are also scored against it: PSNR against `DIR/<name>.mp4` and shape IoU against
-`DIR/<name>.shapes.npy` (make-specs writes both for synthetic clips). Every measure is averaged
+there are also scored against it: PSNR against `DIR/<name>.mp4`, shape IoU against
+`DIR/<name>.shapes.npy` (make-specs writes both for synthetic clips) and, where both exist,
+colour match: the share of the shapes' pixels the video draws bright in the palette colour of the
+clip's pixel there (the caption's colour of that shape). Every measure is averaged
 over clips, with its standard deviation beside it. Writes OUT/metrics.json, OUT/metrics.md and
 OUT/metrics.svg (a bar chart, no plotting package needed) and prints the markdown table.
 """
@@ -38,7 +40,8 @@ def evaluate(
         sources: where each run's model came from, written beside its scores (e.g. "shipped",
             "trained in this run: 50 steps").
         reference: folder of ground truth per spec name: <name>.mp4 (PSNR) and <name>.shapes.npy
-            (shape IoU); clips without a file there are scored without it.
+            (shape IoU; with the .mp4, colour match); clips without a file there are scored
+            without it.
         tolerance: Edge F1 pixel tolerance.
 
     Returns the metrics (what metrics.json holds).
